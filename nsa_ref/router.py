@@ -1,0 +1,137 @@
+"""The one place that decides which path runs an NSA branch: FA-2, SDPA or the reference.
+
+``choose`` takes FA-2 only when it is enabled, a provider is usable, the inputs are legal for
+the FA-2 calls the branch would make (per ``contracts``), and the sequence is long enough;
+otherwise SDPA. Every decision is counted in ``nsa_ref.telemetry`` with its reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from nsa_ref import telemetry
+from nsa_ref.settings import NSASettings, current_settings
+
+BRANCHES = ("cmp", "sel", "win")
+BACKENDS = ("auto", "reference", "sdpa", "fa2")
+THRESHOLDS_FILE = Path(__file__).with_name("fa2_thresholds.yaml")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a branch call runs and why; ``provider`` is set for the fa2 path."""
+
+    branch: str
+    path: str
+    reason: str
+    provider: object | None = None
+    pref_fp16: bool = False
+
+
+class FA2Unavailable(RuntimeError):
+    """backend='fa2' was asked for explicitly but FA-2 cannot run this call."""
+
+
+def _load_thresholds() -> dict:
+    with THRESHOLDS_FILE.open() as fh:
+        return yaml.safe_load(fh) or {}
+
+
+_THRESHOLDS: dict | None = None
+
+
+def default_min_len(branch: str, device: torch.device, head_dim: int) -> int:
+    """Tuned shortest T for FA-2 on this GPU and head dim, from fa2_thresholds.yaml."""
+    global _THRESHOLDS
+    if _THRESHOLDS is None:
+        _THRESHOLDS = _load_thresholds()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    table = _THRESHOLDS.get("gpus", {})
+    entry = next((v for k, v in table.items() if k.lower() in gpu.lower()), _THRESHOLDS.get("default", {}))
+    per_branch = entry.get(branch, {})
+    if isinstance(per_branch, int):
+        return per_branch
+    # head-dim keyed: the closest listed head dim at or above ours, else the largest listed.
+    dims = sorted(int(d) for d in per_branch)
+    if not dims:
+        return 0
+    pick = next((d for d in dims if d >= head_dim), dims[-1])
+    return int(per_branch[pick])
+
+
+def _min_len(branch: str, q: torch.Tensor, s: NSASettings) -> tuple[int, str]:
+    flag = {"win": s.fa2_min_len_win, "cmp": s.fa2_min_len_cmp}.get(branch)
+    if flag is not None:
+        return flag, f"NSA_FA2_MIN_LEN_{branch.upper()}"
+    return default_min_len(branch, q.device, q.shape[-1]), "fa2_thresholds.yaml"
+
+
+def _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s: NSASettings) -> str | None:
+    if s.fa2_contracts == "off":
+        return None
+    import contracts
+    from nsa_ref.fa2.branches import planned_calls
+
+    caps = contracts.DeviceCaps.from_device(q.device) if q.is_cuda else None
+    for call in planned_calls(branch, q, k, v, cfg, cu_seqlens, s.fa2_pref_fp16):
+        kind = call.pop("kind")
+        check = contracts.dense_reasons if kind == "dense" else contracts.varlen_reasons
+        reasons = check(**call, caps=caps, provider=provider.contract_provider)
+        if reasons:
+            return "contract: " + "; ".join(r.rule for r in reasons)
+    return None
+
+
+def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | None = None):
+    """(reason FA-2 is not taken or None, provider) for one branch call."""
+    from nsa_ref.fa2 import resolve_provider
+
+    s = settings or current_settings()
+    flag = {"win": s.use_fa2_win, "cmp": s.use_fa2_cmp, "sel": s.use_fa2_sel}[branch]
+    if not s.use_fa2:
+        return "disabled by NSA_USE_FA2=0", None
+    if branch == "sel":
+        return "sel has no FA-2 path; the gathered SDPA path is the default", None
+    if not flag:
+        return f"disabled by NSA_USE_FA2_{branch.upper()}=0", None
+    if not q.is_cuda:
+        return f"inputs on {q.device.type}, FA-2 needs CUDA", None
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} has no FA-2 path (fp16, bf16, fp32 via cast)", None
+    provider = resolve_provider(s.fa2_provider)
+    if provider is None:
+        return f"no usable FA-2 provider for NSA_FA2_PROVIDER={s.fa2_provider}", None
+    min_len, source = _min_len(branch, q, s)
+    if q.shape[0] < min_len:
+        return f"T below the FA-2 minimum length ({source})", provider
+    refusal = _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s)
+    return refusal, provider
+
+
+def choose(branch: str, backend: str = "auto", *, q, k, v, cfg, cu_seqlens=None,
+           settings: NSASettings | None = None) -> Route:
+    """Route for one call of `branch` (cmp | sel | win) with `backend` (auto | reference | sdpa | fa2).
+
+    q: (T, Hq, Dk), k: (T or Tc, Hkv, Dk), v: (T or Tc, Hkv, Dv). Raises FA2Unavailable when
+    backend='fa2' is asked for and cannot run; 'auto' falls back to SDPA and says why.
+    """
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown branch {branch!r}; use one of {', '.join(BRANCHES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    s = settings or current_settings()
+    if backend in ("reference", "sdpa"):
+        route = Route(branch, backend, "requested")
+    else:
+        refusal, provider = fa2_refusal(branch, q, k, v, cfg, cu_seqlens, s)
+        if refusal is None:
+            route = Route(branch, "fa2", f"{provider.name} {provider.version()}", provider, s.fa2_pref_fp16)
+        elif backend == "fa2":
+            raise FA2Unavailable(f"backend='fa2' requested for {branch} but FA-2 cannot run it: {refusal}")
+        else:
+            route = Route(branch, "sdpa", refusal)
+    telemetry.record(branch, route.path, route.reason)
+    return route

@@ -85,8 +85,12 @@ def _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s: NSASettings
     return None
 
 
-def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | None = None):
-    """(reason FA-2 is not taken or None, provider) for one branch call."""
+def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | None = None,
+                enforce_min_len: bool = True):
+    """(reason FA-2 is not taken or None, provider) for one branch call.
+
+    The minimum length is a speed heuristic: an explicit backend='fa2' skips it.
+    """
     from nsa_ref.fa2 import resolve_provider
 
     s = settings or current_settings()
@@ -104,8 +108,8 @@ def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | N
     provider = resolve_provider(s.fa2_provider)
     if provider is None:
         return f"no usable FA-2 provider for NSA_FA2_PROVIDER={s.fa2_provider}", None
-    min_len, source = _min_len(branch, q, s)
-    if q.shape[0] < min_len:
+    min_len, source = _min_len(branch, q, s) if enforce_min_len else (0, "")
+    if enforce_min_len and q.shape[0] < min_len:
         return f"T below the FA-2 minimum length ({source})", provider
     refusal = _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s)
     return refusal, provider
@@ -126,7 +130,7 @@ def choose(branch: str, backend: str = "auto", *, q, k, v, cfg, cu_seqlens=None,
     if backend in ("reference", "sdpa"):
         route = Route(branch, backend, "requested")
     else:
-        refusal, provider = fa2_refusal(branch, q, k, v, cfg, cu_seqlens, s)
+        refusal, provider = fa2_refusal(branch, q, k, v, cfg, cu_seqlens, s, enforce_min_len=backend == "auto")
         if refusal is None:
             route = Route(branch, "fa2", f"{provider.name} {provider.version()}", provider, s.fa2_pref_fp16)
         elif backend == "fa2":

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
+# GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
+#   usage: bash conformance/device/gpu_run.sh [pytest|bench|all] [extra bench args...]
+set -uo pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-/tmp/nsa_out}; mkdir -p "$OUT"
+mkdir -p /tmp/site
+tar -xJf .device-wheels/flash_attn-*.tar.xz -C /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device-wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+python3 -m conformance.envinfo > "$OUT/env.json"; cat "$OUT/env.json"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+if [ "$what" = pytest ] || [ "$what" = all ]; then
+  NSA_REQUIRE_PROVIDERS=flash_attn,torch NSA_PARITY_REPORT="$OUT/gpu_parity.json" \
+    timeout 420 python3 -m pytest conformance -m gpu -q -p no:cacheprovider --maxfail=20 \
+    --junitxml="$OUT/gpu_junit.xml" 2>&1 | tee "$OUT/gpu_pytest.log" | tail -40
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 -m conformance.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log"
+fi

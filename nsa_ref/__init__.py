@@ -1,0 +1,29 @@
+"""Native Sparse Attention (Yuan et al. 2025): exact reference, SDPA fallback, FA-2 fast paths.
+
+Rules pinned in /work/shared/reference/nsa_spec.md; layout in Documentation/Architecture/Design.md.
+Nothing here touches CUDA at import.
+"""
+from nsa_ref.config import NSAConfig
+from nsa_ref.api import (
+    cmp_attention,
+    compress,
+    nsa_attention,
+    sel_attention,
+    select_blocks,
+    win_attention,
+)
+from nsa_ref.decode import NSACache, decode_step
+from nsa_ref.module import NSAAttention
+
+__all__ = [
+    "NSAConfig",
+    "NSAAttention",
+    "NSACache",
+    "cmp_attention",
+    "compress",
+    "decode_step",
+    "nsa_attention",
+    "sel_attention",
+    "select_blocks",
+    "win_attention",
+]

@@ -57,7 +57,12 @@ def time_cuda(fn, inputs, warmup: int, reps: int):
 
 def _flex_fn(branch, cfg, T, G):
     import torch
+    import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # Each case compiles its own kernels (shapes, grad mode): start from a clean cache so the
+    # recompile limit never sends flex to its unfused, memory-hungry fallback.
+    torch._dynamo.reset()
 
     l, d, w = cfg.block_len, cfg.block_stride, cfg.window
     if branch == "win":
@@ -82,7 +87,8 @@ def _flex_fn(branch, cfg, T, G):
 def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
     """(callable, inputs list-of-tuples builder) for one case, or raise LookupError(reason)."""
     import torch
-    from nsa_ref import compress, fa2, nsa_attention, sdpa, select_blocks
+    from nsa_ref import fa2
+    from nsa_ref.compress import compress
 
     G = hq // hkv
 
@@ -102,6 +108,7 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
         if prov is not None:
             return (lambda q, k, v: fa2.win_attention(q, k, v, cfg, provider=prov)), make
         if path == "sdpa":
+            from nsa_ref import sdpa
             return (lambda q, k, v: sdpa.win_attention(q, k, v, cfg)), make
         if path == "flex":
             return _flex_fn("win", cfg, T, G), make
@@ -112,10 +119,13 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
         if prov is not None:
             return (lambda q, kc, vc: fa2.cmp_attention(q, kc, vc, cfg, provider=prov)[0]), make_cmp
         if path == "sdpa":
+            from nsa_ref import sdpa
             return (lambda q, kc, vc: sdpa.cmp_attention(q, kc, vc, cfg)[0]), make_cmp
         if path == "flex":
             return _flex_fn("cmp", cfg, T, G), make_cmp
     if branch == "sel" and path == "sdpa":
+        from nsa_ref import sdpa, select_blocks
+
         def make_sel(seed):
             q, k, v = make(seed)
             with torch.no_grad():
@@ -127,6 +137,8 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             return prov.dense(q[None], k[None], v[None], causal=True, window=(-1, -1), scale=dk ** -0.5)[0]
         return full, make
     if branch == "nsa":
+        from nsa_ref import nsa_attention
+
         def make_nsa(seed):
             q, k, v = make(seed)
             gates = torch.rand(T, hq, 3, device="cuda", dtype=dtype)
@@ -174,7 +186,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("nsa-fa2 bench: no CUDA device here; the sweep needs a GPU (nothing was timed).")
         return 0
-    from nsa_ref import NSAConfig
+    from nsa_ref.config import NSAConfig
 
     cfg = NSAConfig()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -85,13 +85,17 @@ def _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s: NSASettings
     return None
 
 
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
 def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | None = None,
                 enforce_min_len: bool = True):
     """(reason FA-2 is not taken or None, provider) for one branch call.
 
     The minimum length is a speed heuristic: an explicit backend='fa2' skips it.
     """
-    from nsa_ref.fa2 import resolve_provider
+    from nsa_ref import fa2
 
     s = settings or current_settings()
     flag = {"win": s.use_fa2_win, "cmp": s.use_fa2_cmp, "sel": s.use_fa2_sel}[branch]
@@ -101,11 +105,11 @@ def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | N
         return "sel has no FA-2 path; the gathered SDPA path is the default", None
     if not flag:
         return f"disabled by NSA_USE_FA2_{branch.upper()}=0", None
-    if not q.is_cuda:
+    if not _on_cuda(q):
         return f"inputs on {q.device.type}, FA-2 needs CUDA", None
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} has no FA-2 path (fp16, bf16, fp32 via cast)", None
-    provider = resolve_provider(s.fa2_provider)
+    provider = fa2.resolve_provider(s.fa2_provider)
     if provider is None:
         return f"no usable FA-2 provider for NSA_FA2_PROVIDER={s.fa2_provider}", None
     min_len, source = _min_len(branch, q, s) if enforce_min_len else (0, "")

@@ -1,0 +1,114 @@
+"""The router: one decision per branch call, with its reason counted in telemetry."""
+import pytest
+import torch
+
+from nsa_ref import router, telemetry
+from nsa_ref.config import NSAConfig
+from nsa_ref.fa2.emulate import EmulatedFA2
+from nsa_ref.settings import NSASettings, current_settings
+
+CFG = NSAConfig()
+
+
+def _qkv(T=64, hq=8, hkv=2, d=64, dtype=torch.bfloat16):
+    return torch.zeros(T, hq, d, dtype=dtype), torch.zeros(T, hkv, d, dtype=dtype), torch.zeros(T, hkv, d, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    telemetry.reset()
+    yield
+    telemetry.reset()
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """Pretend the inputs are on a GPU with a usable provider, to reach the later rules on CPU."""
+    monkeypatch.setattr(router, "_on_cuda", lambda q: True)
+    monkeypatch.setattr("nsa_ref.fa2.resolve_provider", lambda pref: EmulatedFA2())
+
+
+def test_cpu_inputs_fall_back_to_sdpa_and_say_why():
+    q, k, v = _qkv()
+    route = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG)
+    assert route.path == "sdpa" and "cpu" in route.reason
+    assert telemetry.snapshot()["counts"] == {("win", "sdpa", route.reason): 1}
+
+
+def test_explicit_fa2_on_cpu_raises_with_the_reason():
+    q, k, v = _qkv()
+    with pytest.raises(router.FA2Unavailable, match="FA-2 needs CUDA"):
+        router.choose("cmp", "fa2", q=q, k=k, v=v, cfg=CFG)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_requested_backend_is_taken(backend):
+    q, k, v = _qkv()
+    assert router.choose("sel", backend, q=q, k=k, v=v, cfg=CFG).path == backend
+
+
+def test_unknown_branch_and_backend_are_refused():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown branch"):
+        router.choose("full", "auto", q=q, k=k, v=v, cfg=CFG)
+    with pytest.raises(ValueError, match="unknown backend"):
+        router.choose("win", "cuda", q=q, k=k, v=v, cfg=CFG)
+
+
+def test_fa2_taken_when_enabled_legal_and_long_enough(gpu_like):
+    q, k, v = _qkv()
+    route = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings())
+    assert route.path == "fa2" and route.provider is not None
+
+
+@pytest.mark.parametrize("flag,branch", [("use_fa2", "win"), ("use_fa2_win", "win"), ("use_fa2_cmp", "cmp")])
+def test_flags_disable_fa2(gpu_like, flag, branch):
+    q, k, v = _qkv()
+    route = router.choose(branch, "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings(**{flag: False}))
+    assert route.path == "sdpa" and f"NSA_{flag.upper()}=0" in route.reason
+
+
+def test_min_length_from_flag(gpu_like):
+    q, k, v = _qkv(T=64)
+    s = NSASettings(fa2_min_len_win=65)
+    route = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=s)
+    assert route.path == "sdpa" and "NSA_FA2_MIN_LEN_WIN" in route.reason
+    # an explicit fa2 request ignores the speed heuristic
+    assert router.choose("win", "fa2", q=q, k=k, v=v, cfg=CFG, settings=s).path == "fa2"
+
+
+def test_contract_violation_routes_to_sdpa_naming_the_rule(gpu_like):
+    q, k, v = _qkv(d=320)  # head dim above FA-2's 256
+    route = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings())
+    assert route.path == "sdpa" and route.reason.startswith("contract: FA2-")
+    off = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings(fa2_contracts="off"))
+    assert off.path == "fa2"
+
+
+def test_sel_stays_on_sdpa(gpu_like):
+    q, k, v = _qkv()
+    assert router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG).path == "sdpa"
+
+
+def test_settings_read_from_environment(monkeypatch):
+    monkeypatch.setenv("NSA_USE_FA2_WIN", "0")
+    monkeypatch.setenv("NSA_FA2_MIN_LEN_CMP", "2048")
+    s = current_settings()
+    assert s.use_fa2_win is False and s.fa2_min_len_cmp == 2048
+    monkeypatch.setenv("NSA_FA2_CONTRACTS", "sometimes")
+    with pytest.raises(ValueError, match="fa2_contracts"):
+        current_settings()
+
+
+def test_thresholds_file_default_applies_to_unlisted_gpus():
+    assert router.default_min_len("win", torch.device("cpu"), 128) >= 0
+
+
+def test_telemetry_fractions():
+    telemetry.record("win", "fa2", "ok")
+    telemetry.record("win", "fa2", "ok")
+    telemetry.record("win", "sdpa", "short")
+    snap = telemetry.snapshot()
+    assert snap["path_fractions"][("win", "fa2")] == pytest.approx(2 / 3)
+    telemetry.reset()
+    assert telemetry.snapshot()["counts"] == {}

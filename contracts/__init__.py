@@ -1,0 +1,45 @@
+"""FA-2 (FlashAttention-2) input contracts: cheap checks over tensor metadata, before the kernel.
+
+    reasons = varlen_reasons(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)   # [] = legal
+    check_dense(q, k, v, dropout_p=0.1)            # raises FA2ContractError listing every reason
+    attn = guarded(flash_attn_varlen_func, "varlen")  # checks first; NSA_FA2_CONTRACTS=off|meta|strict
+
+Knows FA-2 and nothing else: imports neither nsa_ref nor conformance, and touches no CUDA
+device at import. Rules: ``RULES`` (also Documentation/contracts_rules.md). Tolerances:
+``contracts.tolerances``.
+"""
+from . import tolerances
+from .caps import DeviceCaps, caps_for_device
+from .catalog import RULES, Rule, rules_markdown
+from .checks import (
+    check_dense,
+    check_kvcache,
+    check_varlen,
+    dense_reasons,
+    kvcache_reasons,
+    varlen_reasons,
+)
+from .guard import contract_mode, guarded
+from .reason import FA2ContractError, Reason
+from .spec import ProviderSpec, spec_for
+
+__all__ = [
+    "DeviceCaps",
+    "FA2ContractError",
+    "ProviderSpec",
+    "RULES",
+    "Reason",
+    "Rule",
+    "caps_for_device",
+    "check_dense",
+    "check_kvcache",
+    "check_varlen",
+    "contract_mode",
+    "dense_reasons",
+    "guarded",
+    "kvcache_reasons",
+    "rules_markdown",
+    "spec_for",
+    "tolerances",
+    "varlen_reasons",
+]

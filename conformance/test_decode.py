@@ -1,0 +1,124 @@
+"""Decode conformance: one token at a time through NSACache equals prefill at that position.
+
+Rule (nsa_spec.md, "Varlen and decode"): the decode result must equal the prefill result at the
+same position. Everything runs in fp64 on the CPU with a small config, so the two agree to
+rounding: max|decode - prefill| <= 1e-12. Prefill is ``nsa_ref.nsa_attention`` (reference
+backend) or ``NSAAttention`` without a cache; for the functional path it is also checked
+against the suite's brute force (``conformance.brute``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conformance import brute
+
+RULE_DECODE = "decode == prefill at the same position (fp64, max abs error <= 1e-12)"
+RULE_EMIT = "decode emits compressed block i when it ends (i*d + l - 1 == t)"
+ATOL = 1e-12
+# Blocks of 8 with stride 4, selection blocks of 8, 3 picks (1 init + 1 local + 1 by score),
+# window 8: selection, window eviction and block emission all happen within 40 tokens.
+SMALL = dict(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=8)
+
+
+def _cfg(**over):
+    from nsa_ref import NSAConfig
+
+    return NSAConfig(**{**SMALL, **over})
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _check(got, want, what):
+    err = (got - want).abs()
+    worst = err.max().item() if err.numel() else 0.0
+    assert torch.isfinite(got).all(), f"{RULE_DECODE}: {what}: non-finite decode output"
+    assert worst <= ATOL, f"{RULE_DECODE}: {what}: max|decode - prefill| = {worst:.3e} > {ATOL:.0e}"
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)], ids=["G1", "G2"])
+def test_functional_decode_from_empty_cache(hq, hkv):
+    """B sequences decoded from position 0; every step equals prefill of the whole sequences."""
+    from nsa_ref import NSACache, decode_step, nsa_attention
+
+    cfg, B, T = _cfg(), 2, 40
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B * T, hq, 6, generator=g, dtype=torch.float64)
+    k = torch.randn(B * T, hkv, 6, generator=g, dtype=torch.float64)
+    v = torch.randn(B * T, hkv, 4, generator=g, dtype=torch.float64)
+    gates = torch.rand(B * T, hq, 3, generator=g, dtype=torch.float64)
+    cu = _cu([T] * B)
+    prefill = nsa_attention(q, k, v, gates, cfg, cu, backend="reference")
+    truth = brute.nsa_attention(q, k, v, gates, cfg, cu)
+    _check(prefill, truth, "prefill vs brute force")
+    cache = NSACache(batch_size=B)
+    for t in range(T):
+        rows = [b * T + t for b in range(B)]
+        out = decode_step(q[rows], k[rows], v[rows], gates[rows], cache, cfg)
+        _check(out, prefill[rows], f"G={hq // hkv} t={t}")
+        for b in range(B):
+            tc = cache.seqs[b].k_cmp.shape[0]
+            assert tc == cfg.num_cmp_blocks(t + 1), f"{RULE_EMIT}: t={t} seq {b}: {tc} cached blocks"
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)], ids=["G1", "G2"])
+def test_functional_decode_after_varlen_prefill(hq, hkv):
+    """Prefill sequences of different lengths (one empty) into a cache, then decode 20 more."""
+    from nsa_ref import NSACache, compress, decode_step, nsa_attention
+
+    cfg, pre, steps = _cfg(window=5), [0, 7, 19], 20
+    full = [n + steps for n in pre]
+    cu_full = _cu(full)
+    g = torch.Generator().manual_seed(1)
+    T = sum(full)
+    q = torch.randn(T, hq, 6, generator=g, dtype=torch.float64)
+    k = torch.randn(T, hkv, 6, generator=g, dtype=torch.float64)
+    v = torch.randn(T, hkv, 4, generator=g, dtype=torch.float64)
+    gates = torch.rand(T, hq, 3, generator=g, dtype=torch.float64)
+    prefill = nsa_attention(q, k, v, gates, cfg, cu_full, backend="reference")
+    starts = cu_full[:-1].tolist()
+    head = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, pre)])
+    cache = NSACache.from_prefill(k[head], v[head], cfg, _cu(pre))
+    assert cache.lengths() == pre, f"prefill fills the cache: lengths {cache.lengths()} != {pre}"
+    for step in range(steps):
+        rows = [s + n + step for s, n in zip(starts, pre)]
+        out = decode_step(q[rows], k[rows], v[rows], gates[rows], cache, cfg)
+        _check(out, prefill[rows], f"G={hq // hkv} step {step} positions {[n + step for n in pre]}")
+    for b, (s, n) in enumerate(zip(starts, full)):
+        want, _ = compress(k[s : s + n], cfg)
+        _check(cache.seqs[b].k_cmp, want, f"{RULE_EMIT}: cached k_cmp of seq {b} vs compress()")
+
+
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)], ids=["G1", "G2"])
+@pytest.mark.parametrize("compress", ["mean", "mlp"])
+def test_module_decode_equals_prefill(compress, hq, hkv):
+    """NSAAttention: prefill a prefix through the cache, then one token per sequence."""
+    from nsa_ref import NSAAttention, NSACache
+
+    torch.manual_seed(0)
+    cfg = _cfg(compress=compress)
+    mod = NSAAttention(16, hq, hkv, head_dim=6, v_head_dim=4, cfg=cfg, backend="reference").double()
+    lengths, pre = [36, 30], [9, 0]
+    cu = _cu(lengths)
+    x = torch.randn(sum(lengths), 16, dtype=torch.float64)
+    starts = cu[:-1].tolist()
+    with torch.no_grad():
+        want = mod(x, cu)
+        cache = NSACache()
+        head = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, pre)])
+        got_head = mod(x[head], _cu(pre), cache=cache)
+        _check(got_head, want[head], f"{compress} G={hq // hkv}: prefill with a cache")
+        for step in range(min(n - p for n, p in zip(lengths, pre))):
+            rows = [s + p + step for s, p in zip(starts, pre)]
+            _check(mod(x[rows], cache=cache), want[rows], f"{compress} G={hq // hkv} step {step}")
+
+
+def test_decode_needs_one_token_per_sequence():
+    from nsa_ref import NSACache, decode_step
+
+    cache = NSACache(batch_size=2)
+    z = torch.zeros(3, 2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"got 3 token\(s\) for a cache of batch_size=2"):
+        decode_step(z, z, z, torch.zeros(3, 2, 3, dtype=torch.float64), cache, _cfg())

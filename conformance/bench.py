@@ -123,7 +123,7 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             return (lambda q, kc, vc: sdpa.cmp_attention(q, kc, vc, cfg)[0]), make_cmp
         if path == "flex":
             return _flex_fn("cmp", cfg, T, G), make_cmp
-    if branch == "sel" and path == "sdpa":
+    if branch == "sel" and (path == "sdpa" or prov is not None):
         from nsa_ref import sdpa, select_blocks
 
         def make_sel(seed):
@@ -131,6 +131,8 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             with torch.no_grad():
                 idx = select_blocks(q, compress(k, cfg)[0], cfg)
             return q, k, v, idx
+        if prov is not None:
+            return (lambda q, k, v, idx: fa2.sel_attention(q, k, v, idx, cfg, provider=prov)), make_sel
         return (lambda q, k, v, idx: sdpa.sel_attention(q, k, v, idx, cfg)), make_sel
     if branch == "full_causal" and prov is not None:
         def full(q, k, v):

@@ -194,3 +194,19 @@ def test_full_nsa_through_router(provider, T, dtype, monkeypatch):
     assert ("win", "fa2") in paths and ("cmp", "fa2") in paths, f"FA-2 not taken: {paths}"
     ref, base = _three(lambda a, b, c, g: nsa_attention(a, b, c, g, cfg, backend="reference"), (q, k, v, gates), dt)
     _check("out", dt, out, ref, base, f"nsa {provider.name} T={T}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [97, 1025, 4099])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_sel_gather_parity(provider, T, G, dtype):
+    """The opt-in FA-2 gather path for sel, on selections computed by the fp64 reference."""
+    from nsa_ref import compress, fa2, reference, select_blocks
+
+    dt = DTYPES[dtype]
+    cfg = _cfg()
+    q, k, v = _inputs(T, G, 128, 128, dt)
+    idx = select_blocks(q.double(), compress(k.double(), cfg)[0], cfg)
+    out = fa2.sel_attention(q, k, v, idx, cfg, provider=provider)
+    ref, base = _three(lambda a, b, c: reference.sel_attention(a, b, c, idx, cfg), (q, k, v), dt)
+    _check("out", dt, out, ref, base, f"sel {provider.name} T={T} G={G}")

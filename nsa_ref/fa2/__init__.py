@@ -1,5 +1,6 @@
 """FA-2 fast paths for NSA branches, over either provider (flash_attn package or torch built-in)."""
 from nsa_ref.fa2.branches import cmp_attention, compute_dtype, padded_head_dim, win_attention
+from nsa_ref.fa2.selected import sel_attention
 from nsa_ref.fa2.providers import (
     PROVIDERS,
     FA2Provider,
@@ -10,5 +11,5 @@ from nsa_ref.fa2.providers import (
 
 __all__ = [
     "PROVIDERS", "FA2Provider", "available_providers", "cmp_attention", "compute_dtype",
-    "get_provider", "padded_head_dim", "resolve_provider", "win_attention",
+    "get_provider", "padded_head_dim", "resolve_provider", "sel_attention", "win_attention",
 ]

@@ -167,4 +167,14 @@ def planned_calls(branch: str, q, k, v, cfg, cu_seqlens=None, pref_fp16: bool = 
                       "k": meta(1, n_groups + 1, Hkv, dp), "v": meta(1, n_groups + 1, Hkv, dp),
                       "causal": False})
         return calls
+    if branch == "sel":
+        from nsa_ref.fa2.selected import GATHER_BUDGET
+
+        keys = cfg.n_sel * cfg.sel_block
+        rows = min(T, max(1, GATHER_BUDGET // (Hkv * keys))) * Hkv  # one chunk of (t, KV head) rows
+        cu = torch.empty(rows + 1, dtype=torch.int32, device="meta")
+        G = Hq // max(Hkv, 1)
+        return [{"kind": "varlen", "q": meta(rows * G, 1, dp), "k": meta(rows * keys, 1, dp),
+                 "v": meta(rows * keys, 1, dp), "cu_seqlens_q": cu, "cu_seqlens_k": cu,
+                 "max_seqlen_q": G, "max_seqlen_k": keys, "causal": False}]
     raise ValueError(f"no FA-2 plan for branch {branch!r}")

@@ -2,8 +2,9 @@
 
 It lets the FA-2 layouts (the cmp fold with stride-0 K/V, windows, packed sequences) be tested on
 a machine without a GPU. Mask per sequence (query row i, key column j, lengths Sq, Sk), as FA-2
-normalises it: causal -> wr = 0; wl < 0 -> Sk; wr < 0 -> Sk; keep (i, j) iff
-``i + Sk - Sq - wl <= j <= i + Sk - Sq + wr`` (causal is bottom-right aligned).
+normalises it (flash_api.cpp): causal -> wr = 0; both < 0 -> no mask at all; otherwise a
+negative side becomes Sk, and (i, j) is kept iff ``i + Sk - Sq - wl <= j <= i + Sk - Sq + wr``
+(so causal is bottom-right aligned).
 Fully masked rows give out 0 and lse +inf, as FA-2 does.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ def fa2_mask(sq: int, sk: int, causal: bool, window: tuple[int, int], device=Non
     wl, wr = window
     if causal:
         wr = 0
+    if wl < 0 and wr < 0:
+        return torch.ones(sq, sk, dtype=torch.bool, device=device)
     wl = sk if wl < 0 else wl
     wr = sk if wr < 0 else wr
     i = torch.arange(sq, device=device)[:, None]

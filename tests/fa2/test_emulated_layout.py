@@ -107,8 +107,32 @@ def test_planned_calls_are_legal_for_the_contract():
     import contracts
 
     q, k, v = _qkv(100, 8, 2, 192, 128, torch.bfloat16)
-    for branch in ("cmp", "win"):
+    for branch in ("cmp", "win", "sel"):
         for call in fa2.branches.planned_calls(branch, q, k, v, NSAConfig()):
             kind = call.pop("kind")
             check = contracts.dense_reasons if kind == "dense" else contracts.varlen_reasons
             assert check(**call) == [], f"{branch} {kind} plan should be legal"
+
+
+@pytest.mark.parametrize("lengths", [[37], [0, 13, 1, 0, 22]])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2)])
+def test_sel_gather_equals_reference(lengths, hq, hkv):
+    from nsa_ref.selection import select_blocks
+
+    cfg = SMALL
+    cu = _cu(lengths) if len(lengths) > 1 else None
+    T = sum(lengths)
+    q, k, v = _qkv(T, hq, hkv, 8, 12, torch.float64)
+    kc, _ = compress(k, cfg, cu)
+    idx = select_blocks(q, kc, cfg, cu)
+    idx[::5, :, 0] = idx[::5, :, -1]  # repeats must count once
+    idx[::7, 0, :] = -1  # a row with nothing selected gives 0
+    out = fa2.sel_attention(q.float(), k.float(), v.float(), idx, cfg, cu, provider=EMU)
+    rq, rk, rv = (x.to(torch.bfloat16).double() for x in (q, k, v))
+    ref = reference.sel_attention(rq, rk, rv, idx, cfg, cu)
+    err = (out.double() - ref).abs().max().item()
+    assert err < 2e-2, f"sel gather vs reference: max|diff| = {err:.3e}"
+
+
+def test_fa2_mask_without_window_is_full_even_when_sq_exceeds_sk():
+    assert fa2_mask(3, 1, False, (-1, -1)).all()

@@ -85,9 +85,12 @@ def test_contract_violation_routes_to_sdpa_naming_the_rule(gpu_like):
     assert off.path == "fa2"
 
 
-def test_sel_stays_on_sdpa(gpu_like):
+def test_sel_fa2_gather_is_opt_in(gpu_like):
     q, k, v = _qkv()
-    assert router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG).path == "sdpa"
+    off = router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings())
+    assert off.path == "sdpa" and "NSA_USE_FA2_SEL=0" in off.reason
+    on = router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings(use_fa2_sel=True))
+    assert on.path == "fa2"
 
 
 def test_settings_read_from_environment(monkeypatch):

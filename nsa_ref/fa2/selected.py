@@ -1,0 +1,74 @@
+"""NSA's selected branch on FA-2 varlen: gather each query's selected tokens into packed K/V.
+
+The G query heads of a KV head share one selection, so they are folded as the query rows of one
+varlen "sequence" per (token t, KV head): q viewed as (T * Hkv * G, 1, D) with sequences of G
+rows (a view, no copy), and K/V the tokens of the selected blocks with s <= t, packed in that
+(t, KV head) order. Listed blocks are visited in ascending order, so the partial current block
+is naturally last. Queries are processed in chunks so the gathered K/V stay bounded.
+
+This path copies up to n * l' keys per (query, KV head) through memory: it is an inference
+option (NSA_USE_FA2_SEL=1), measured against the gathered SDPA path in artifacts/.
+"""
+from __future__ import annotations
+
+import torch
+
+from nsa_ref.fa2.branches import _prepare, _scale
+from nsa_ref.fa2.providers import FA2Provider
+
+#: Upper bound on gathered (token, KV head, key) slots per chunk.
+GATHER_BUDGET = 1 << 24
+
+
+def _token_layout(cu_seqlens, T: int, device):
+    """-> (local position (T,), sequence start (T,)) int64 for every packed token."""
+    idx = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        return idx, torch.zeros_like(idx)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seq = torch.searchsorted(cu[1:], idx, right=True)
+    start = cu[seq]
+    return idx - start, start
+
+
+def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Provider,
+                  pref_fp16: bool = False):
+    """q: (T, Hq, Dk), k: (T, Hkv, Dk), v: (T, Hkv, Dv), block_idx: (T, Hkv, n) int -> (T, Hq, Dv).
+
+    Query t (head h) attends the tokens s <= t of the blocks in block_idx[t, h // G]; -1 entries
+    and repeats are ignored; a row with nothing listed gives 0 (FA-2's empty-row output).
+    """
+    T, Hq, dk = q.shape
+    Hkv, dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    lp = cfg.sel_block
+    n = block_idx.shape[-1]
+    if T == 0:
+        return q.new_zeros(0, Hq, dv)
+    qp, kp, vp = _prepare(q, k, v, pref_fp16)
+    D = qp.shape[-1]
+    scale = _scale(cfg, dk)
+    pos, start = _token_layout(cu_seqlens, T, q.device)
+    k_rows, v_rows = kp.reshape(T * Hkv, D), vp.reshape(T * Hkv, D)
+    offsets = torch.arange(lp, device=q.device)
+    heads = torch.arange(Hkv, device=q.device)[None, :, None, None]
+    chunk = max(1, GATHER_BUDGET // (Hkv * n * lp))
+    outs = []
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        C = b - a
+        idx, _ = block_idx[a:b].long().sort(dim=-1)
+        fresh = torch.ones_like(idx, dtype=torch.bool)
+        fresh[..., 1:] = idx[..., 1:] != idx[..., :-1]
+        tok = idx[..., None] * lp + offsets  # (C, Hkv, n, l') local token positions
+        valid = ((idx >= 0) & fresh)[..., None] & (tok <= pos[a:b, None, None, None])
+        rows = ((tok + start[a:b, None, None, None]) * Hkv + heads)[valid]  # packed by (t, KV head)
+        counts = valid.sum(dim=(-1, -2)).reshape(-1)
+        cu_k = torch.zeros(C * Hkv + 1, dtype=torch.int32, device=q.device)
+        cu_k[1:] = counts.cumsum(0)
+        cu_q = torch.arange(0, (C * Hkv + 1) * G, G, dtype=torch.int32, device=q.device)
+        q_rows = qp[a:b].reshape(C * Hkv * G, 1, D)
+        o, _ = provider.varlen(q_rows, k_rows[rows].unsqueeze(1), v_rows[rows].unsqueeze(1), cu_q, cu_k,
+                               G, n * lp, causal=False, window=(-1, -1), scale=scale)
+        outs.append(o.reshape(C, Hq, D))
+    return torch.cat(outs)[..., :dv].to(q.dtype)

@@ -244,7 +244,8 @@ def nsa_attention(
 
     o = g_cmp * cmp(q, mean-compressed k, v) + g_sel * sel(q, k, v, select_blocks(...))
     + g_win * win(q, k, v). Gates in [0, 1], order (cmp, sel, win). ``cfg.compress`` must be
-    "mean": the "mlp" phi has weights (use ``NSAAttention``).
+    "mean": the "mlp" phi has weights (use ``NSAAttention``). ``backend`` goes to the router
+    for each of the three branches as given.
     """
     _check_cfg(cfg)
     if cfg.compress != "mean":

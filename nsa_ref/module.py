@@ -77,7 +77,7 @@ class NSAAttention(nn.Module):
                 raise ValueError("decode takes one token per cached sequence: pass cu_seqlens=None")
             phi_k, phi_v = self._phis()
             out = decode_step(q, k, v, gates, cache, self.cfg, phi_k, phi_v)
-            return self.o_proj(out.reshape(x.shape[0], -1))
+            return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
         if self.k_compressor is None:
             out = api.nsa_attention(q, k, v, gates, self.cfg, cu_seqlens, backend=self.backend)
             if cache is not None:
@@ -93,7 +93,7 @@ class NSAAttention(nn.Module):
             if cache is not None:
                 cache.prefill(k, v, k_cmp, v_cmp, cu_seqlens,
                               varlen.cmp_cu_seqlens(cu_seqlens, x.shape[0], self.cfg, device=x.device))
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
 
     def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens):
         """k: (T, Hkv, Dk), v: (T, Hkv, Dv) -> (k_cmp (Tc_total, Hkv, Dk), v_cmp (Tc_total, Hkv, Dv))."""

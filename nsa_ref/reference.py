@@ -65,8 +65,9 @@ def attend(
 
 
 def _cat_rows(parts: list[torch.Tensor], like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
-    """Concatenate per-sequence rows; an empty batch gives a (0, *tail) tensor."""
-    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail))
+    """Concatenate per-sequence rows; no rows at all gives (0, *tail), still attached to ``like``
+    (then itself empty) so that backward works on an all-empty batch."""
+    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail)) + like.sum() * 0
 
 
 def cmp_attention(
@@ -93,7 +94,7 @@ def cmp_attention(
         out, lse = attend(q[a:b], k_cmp[ca:cb], v_cmp[ca:cb], visible, scale)
         outs.append(out)
         lses.append(lse)
-    return _cat_rows(outs, q, (Hq, v_cmp.shape[-1])), _cat_rows(lses, q.float(), (Hq,))
+    return _cat_rows(outs, q, (Hq, v_cmp.shape[-1])), _cat_rows(lses, q, (Hq,)).float()
 
 
 def sel_attention(

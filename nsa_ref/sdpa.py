@@ -2,7 +2,8 @@
 
 The portable fallback: any device, any float dtype, differentiable. Queries are processed in
 chunks so that ``chunk * Sk * Hq <= MASK_BUDGET_BYTES`` (the boolean mask and, on the math
-backend, the score matrix stay bounded); keys are cut to the range a chunk can see. GQA goes
+backend, the score matrix stay bounded); keys are cut to the range a chunk can see (cmp: the
+visible blocks, win: the last w tokens, sel: each query's own n*l' gathered tokens). GQA goes
 through ``enable_gqa`` with the G query heads of a KV head as SDPA's head axis.
 
 SDPA returns garbage on a mask row that is all False, so such rows are given a harmless full
@@ -84,7 +85,9 @@ def _masked_sdpa(
 
 
 def _cat_rows(parts: list[torch.Tensor], like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
-    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail))
+    """Concatenate chunk rows; no rows (every sequence empty, so ``like`` is empty too) gives
+    (0, *tail), still attached to ``like`` so that backward works."""
+    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail)) + like.sum() * 0
 
 
 def cmp_attention(
@@ -113,7 +116,7 @@ def cmp_attention(
             out, lse = _masked_sdpa(q[a + s : a + e], kc[:nvis], vc[:nvis], visible, scale, want_lse=True)
             outs.append(out)
             lses.append(lse)
-    return _cat_rows(outs, q, (Hq, v_cmp.shape[-1])), _cat_rows(lses, q.float(), (Hq,))
+    return _cat_rows(outs, q, (Hq, v_cmp.shape[-1])), _cat_rows(lses, q, (Hq,)).float()
 
 
 def _first_occurrence(block_idx: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,15 @@
 p_slc[t, h, j] = sum_i w(j, i) * p_cmp[t, h, i], summed over the G query heads of each KV head;
 forced initial/local blocks first, then the highest scores among j <= c, ties to the lower index.
 
+Readings of nsa_spec.md pinned here (where the words leave room):
+- p_cmp uses the cmp branch's softmax (same scale, visible blocks only); a row with no visible
+  block has p_cmp = 0, so all its scores are 0 and the free picks fall to the lowest indices.
+- The GQA reduction is a sum over the G heads (a mean would rank identically).
+- Candidates are blocks 0..c (c = t // l'), including the partly future block c; the tokens
+  s > t inside it are masked by the sel branch, not here.
+- Forced blocks are the union of 0..n_init-1 and c-n_local+1..c, clipped to 0..c; overlaps are
+  not refilled by extra forced blocks. Free picks = n_sel - |forced| from the other candidates.
+- Exact ties go to the lower block index (stable sort on the score).
 Scores are computed in fp32 for fp16/bf16 inputs (fewer spurious ties) and in the input dtype
 otherwise. Queries are processed in chunks of at most ``CHUNK_ELEMENTS`` score entries, so
 selection never holds the full (T, Hq, Tc) probability tensor.
@@ -57,7 +66,6 @@ def cmp_probabilities(
     T, Hq, _ = q.shape
     tc_list = varlen.cmp_seqlens(cu_seqlens, T, cfg)
     tc_max = max(tc_list, default=0)
-    out = q.new_zeros((T, Hq, tc_max), dtype=score_dtype(q.dtype))
     rows = []
     ca = 0
     for (a, b), tc in zip(varlen.seq_bounds(cu_seqlens, T), tc_list):
@@ -65,7 +73,7 @@ def cmp_probabilities(
         p = cmp_block_probs(q[a:b], k_cmp[ca : ca + tc], pos, cfg)
         rows.append(torch.nn.functional.pad(p, (0, tc_max - tc)))
         ca += tc
-    return torch.cat(rows, dim=0) if rows else out
+    return torch.cat(rows, dim=0) if rows else q.new_zeros((0, Hq, 0), dtype=score_dtype(q.dtype))
 
 
 def block_scores(p_cmp: torch.Tensor, n_kv_heads: int, num_sel: int, cfg: "NSAConfig") -> torch.Tensor:

@@ -99,4 +99,4 @@ def cmp_block_token_index(cu_seqlens: torch.Tensor | None, total: int, cfg: "NSA
         tc = masks.num_cmp_blocks(b - a, cfg)
         starts = a + d * torch.arange(tc, device=device)
         rows.append(starts[:, None] + offsets[None, :])
-    return torch.cat(rows, dim=0)
+    return torch.cat(rows, dim=0) if rows else offsets.new_zeros((0, l))

@@ -194,3 +194,14 @@ def test_gradcheck_nsa_reference():
     # Selection is piecewise constant; finite differences of 1e-6 do not cross a decision here.
     _gradcheck(lambda a, b, c, g: nsa_attention(a, b, c, g, GRAD_CFG, backend="reference"), q, k, v, gates,
                what="gradcheck nsa_attention (reference)")
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("cu", [None, [0], [0, 0, 0]], ids=["T0", "B0", "all-empty"])
+def test_no_tokens_at_all(backend, cu):
+    q, k, v, gates = qkv(0, 2, 1, grad=True)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    out = nsa_attention(q, k, v, gates, SMALL, cu, backend=backend)
+    assert out.shape == (0, 2, 3), f"empty batch: (0, Hq, Dv), got {tuple(out.shape)}"
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape, "empty batch: backward still runs"

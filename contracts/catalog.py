@@ -97,7 +97,7 @@ RULES: dict[str, Rule] = _rules(
     ),
     Rule(
         id="FA2-INDEX-DTYPE",
-        title="index tensors are int32",
+        title="index arguments are int32 tensors (varlen: both cu_seqlens given)",
         kind="clean-error",
         applies_to=("varlen", "kvcache"),
         source="api: cu_seqlens_*, seqused_k, block_table, seqlens_k, cache_batch_idx, leftpad_k must have dtype int32",
@@ -345,7 +345,7 @@ RULES: dict[str, Rule] = _rules(
         kind="semantics",
         applies_to=ALL,
         source="api: 'if (window_size_right >= seqlen_k) window_size_right = -1' [H100]",
-        symptom="the window is treated as -1; rows with seqlen_q > window_right + 1 see more keys than asked",
+        symptom="the right window becomes -1 (or seqlen_k when a left window remains): some rows see other keys than asked",
         fix="pass window_size_right = -1 if unbounded was meant, or handle rows beyond the window yourself",
     ),
     # --- strict mode: read the index values (one host copy) -------------------------------------
@@ -432,6 +432,59 @@ RULES: dict[str, Rule] = _rules(
 )
 
 
+NOTES: tuple[tuple[str, str], ...] = (
+    (
+        "max_seqlen_q == 1 with causal",
+        "FA-2 turns causal off when max_seqlen_q == 1 (no alibi). With one query per sequence "
+        "that changes nothing: bottom-right causal lets the single query see every key. It only "
+        "matters when some sequence has more than one query, i.e. max_seqlen_q understates the "
+        "truth. Meta mode sees that without reading values when total_q > batch "
+        "(FA2-CAUSAL-DROPPED); strict mode sees every case (FA2-MAX-SEQLEN-Q-LOW).",
+    ),
+    (
+        "window >= seqlen_k",
+        "FA-2 treats a window side >= seqlen_k (max_seqlen_k for varlen) as -1, and a surviving "
+        "left window then gets right = seqlen_k. For the left side that keeps exactly the same "
+        "keys (j >= i + Sk - Sq - wl holds for every j >= 0 once wl >= Sk), so it is not flagged. "
+        "For the right side FA2-WINDOW-RIGHT-CLAMPED fires only when some row can see other keys: "
+        "without a left window (no window remains) when seqlen_q > window_right + 1; with a left "
+        "window (right becomes seqlen_k) when window_right > seqlen_k and seqlen_q > seqlen_k + 1. "
+        "Never with causal, which sets the right window to 0. Intent is read literally "
+        "(-1 = unbounded); checked exhaustively against an emulation of FA-2's normalisation "
+        "for seqlen_q <= 9, seqlen_k <= 6: no miss, no false alarm.",
+    ),
+    (
+        "not covered",
+        "A left window with window_right = -1 gets right = seqlen_k (reference mask semantics), "
+        "so rows with seqlen_q > 2 * seqlen_k lose keys even without any clamping. No rule checks "
+        "this yet (NSA's windows pass (w - 1, 0)).",
+    ),
+    (
+        "arch rules on CPU",
+        "FA2-ARCH and FA2-BWD-GARBAGE-GRADS need compute capabilities. Pass caps=DeviceCaps(8, 6) "
+        "(or 'sm86') to evaluate them anywhere; with caps=None they are read from q's CUDA "
+        "device (once per device index), and for CPU or meta tensors they are not evaluated.",
+    ),
+    (
+        "strict mode cost",
+        "Strict mode concatenates the index tensors that passed the meta rules and copies them "
+        "to the host with one .tolist(): one device sync per call. Meta tensors have no values, "
+        "so strict mode adds nothing for them.",
+    ),
+    (
+        "backward rules",
+        "FA2-INT32-OFFSET and FA2-BWD-GARBAGE-GRADS only fire when a backward will run: "
+        "requires_grad=True, or requires_grad=None with grad mode on and q, k or v requiring grad.",
+    ),
+    (
+        "torch provider and FA2-BWD-GARBAGE-GRADS",
+        "The sm86/sm89/sm120 gap is a flash_attn >= 2.7.3 fact. PyTorch's vendored backward "
+        "was not shown to have it, so the torch spec leaves bwd_garbage_archs empty; fill it in "
+        "if a GPU run shows otherwise.",
+    ),
+)
+
+
 def rules_markdown() -> str:
     """The catalog as a Markdown document (committed as Documentation/contracts_rules.md)."""
     lines = [
@@ -453,6 +506,9 @@ def rules_markdown() -> str:
         lines.append(
             f"| `{rule.id}` | {rule.kind} | {rule.mode} | {', '.join(rule.applies_to)} | {rule.title} |"
         )
+    lines += ["", "## Decisions", ""]
+    for title, text in NOTES:
+        lines.append(f"- **{title}**: {text}")
     for rule in RULES.values():
         lines += [
             "",

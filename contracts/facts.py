@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .caps import DeviceCaps, resolve_caps
-from .spec import ProviderSpec, spec_for
+from .spec import _SPECS, ProviderSpec, spec_for
 
 Tensor = torch.Tensor
 
@@ -43,6 +43,11 @@ class CallFacts:
     page_size = num_blocks = pages_per_seq = s_new = None
     # Head dims as the kernel sees them (padded when the provider pads).
     d_kernel = dv_kernel = None
+    # Index arguments of the call kind, in a fixed order: varlen (cu_q, cu_k, seqused_k,
+    # block_table); kvcache (cache_seqlens, cache_batch_idx, cache_leftpad, block_table).
+    index = (None, None, None, None)
+    # Other tensor arguments, None where not given (for the device rule).
+    others = ()
 
     def tensors(self):
         """(name, tensor) for every tensor argument, q first."""
@@ -77,7 +82,9 @@ class CallFacts:
 
 def _common(c: CallFacts, kind, q, k, v, causal, window_size, caps, provider, strict) -> None:
     c.kind = kind
-    c.spec = spec_for(provider)
+    c.spec = _SPECS.get(provider) if provider.__class__ is str else None
+    if c.spec is None:
+        c.spec = spec_for(provider)
     if caps is not None or (isinstance(q, Tensor) and q.is_cuda):
         c.caps = resolve_caps(caps, q)
     c.strict = strict
@@ -105,7 +112,9 @@ def dense_facts(
     """Facts of a dense call: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
     c = CallFacts()
     _common(c, "dense", q, k, v, causal, window_size, caps, provider, strict)
-    c.alibi = alibi_slopes
+    if alibi_slopes is not None:
+        c.alibi = alibi_slopes
+        c.others = (alibi_slopes,)
     c.dropout_p = dropout_p
     c.softcap = softcap
     c.return_softmax = return_softmax
@@ -137,6 +146,8 @@ def varlen_facts(
     if seqused_k is not None:
         c.seqused_k = seqused_k
     c.alibi = alibi_slopes
+    c.index = (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
+    c.others = (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes)
     c.dropout_p = dropout_p
     c.softcap = softcap
     c.return_softmax = return_softmax
@@ -181,6 +192,8 @@ def kvcache_facts(
     c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad = cache_seqlens, cache_batch_idx, cache_leftpad
     c.block_table = block_table
     c.alibi = alibi_slopes
+    c.index = (cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    c.others = (k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes)
     c.softcap = softcap
     c.requires_grad = False
     c.num_splits = num_splits or 0

@@ -53,12 +53,13 @@ def fa2_device(c: CallFacts) -> str | None:
     if not isinstance(q, Tensor):
         return None
     dq = q.device
-    for t in (c.k, c.v, c.k_new, c.v_new, c.cu_q, c.cu_k, c.seqused_k, c.block_table,
-              c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad, c.alibi):
-        if t is not None and isinstance(t, Tensor) and t.device != dq:
-            break
-    else:
-        return None
+    k, v = c.k, c.v
+    if (not isinstance(k, Tensor) or k.device == dq) and (not isinstance(v, Tensor) or v.device == dq):
+        for t in c.others:
+            if t is not None and isinstance(t, Tensor) and t.device != dq:
+                break
+        else:
+            return None
     others = [f"{name} on {t.device}" for name, t in c.tensors()[1:] if t.device != dq]
     return f"q is on {dq} but " + ", ".join(others)
 
@@ -108,14 +109,8 @@ def fa2_dtype_match(c: CallFacts) -> str | None:
     return f"{', '.join(bad)} but q.dtype is {qd}"
 
 
-def _index_tensors(c: CallFacts):
-    if c.kind == "varlen":
-        return (c.cu_q, c.cu_k, c.seqused_k, c.block_table)
-    return (c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad, c.block_table)
-
-
 def fa2_index_dtype(c: CallFacts) -> str | None:
-    for t in _index_tensors(c):
+    for t in c.index:
         if t is not None and not (isinstance(t, Tensor) and t.dtype is _INT32):
             break
     else:
@@ -163,7 +158,7 @@ def fa2_num_splits(c: CallFacts) -> str | None:
 
 
 def fa2_index_contiguous(c: CallFacts) -> str | None:
-    *flat, table = _index_tensors(c)
+    *flat, table = c.index
     for t in flat:
         if t is not None and isinstance(t, Tensor) and not t.is_contiguous():
             break
@@ -287,8 +282,10 @@ def fa2_qk_shape(c: CallFacts) -> str | None:
 
 
 def fa2_kv_shape(c: CallFacts) -> str | None:
-    bad = []
     ks, vs = c.ks, c.vs
+    if c.kind != "kvcache" and (ks == vs or ks[:-1] == vs[:-1]):
+        return None
+    bad = []
     if ks[:-1] != vs[:-1]:
         bad.append(f"{c.k_name} shape {tuple(ks)} and {c.v_name} shape {tuple(vs)} differ before the last dim")
     if c.kind == "kvcache":
@@ -419,6 +416,10 @@ def fa2_int32_offset(c: CallFacts) -> str | None:
     spec = c.spec
     if not spec.bwd_int32_offsets or c.b is None:
         return None
+    if c.b * c.hq * (c.d_kernel + 64) * (
+        (c.total_q + spec.varlen_row_pad) if c.kind == "varlen" else (c.sq + spec.seqlen_q_round)
+    ) < spec.int32_offset_limit:
+        return None  # cheap upper bound: d_rounded < d + 64, rows < Sq + 128 per sequence
     d_rounded = _d_rounded(c)
     n = _dq_accum_elements(c, d_rounded)
     if n < spec.int32_offset_limit or not c.needs_backward():
@@ -427,7 +428,7 @@ def fa2_int32_offset(c: CallFacts) -> str | None:
         how = f"(total_q {c.total_q} + {spec.varlen_row_pad} * B {c.b}) * Hq {c.hq} * d_rounded {d_rounded}"
     else:
         how = f"B {c.b} * round_up(Sq {c.sq}, {spec.seqlen_q_round}) * Hq {c.hq} * d_rounded {d_rounded}"
-    return f"backward dq_accum offsets reach {how} = {n} >= 2**31"
+    return f"backward dq_accum offsets reach {how} = {n} >= {spec.int32_offset_limit} (2**31)"
 
 
 def fa2_bwd_garbage_grads(c: CallFacts) -> str | None:
@@ -467,12 +468,22 @@ def fa2_causal_dropped(c: CallFacts) -> str | None:
 
 
 def fa2_window_right_clamped(c: CallFacts) -> str | None:
+    # FA-2 sets a side >= seqlen_k to -1; a surviving left window then gets right = seqlen_k,
+    # otherwise there is no window at all. Flag only when that changes which keys some row sees.
     wr, sk, sq = c.wr, c.sk, c.sq
-    if c.causal or wr < 0 or sk is None or wr < sk or wr >= sq - 1:
+    if c.causal or wr < 0 or sk is None or wr < sk:
         return None
+    if 0 <= c.wl < sk:
+        if not (wr > sk and sq > sk + 1):
+            return None
+        became = f"right = seqlen_k = {sk} (the left window {c.wl} stays)"
+    else:
+        if wr >= sq - 1:
+            return None
+        became = "no window at all"
     return (
-        f"window_size right = {wr} >= seqlen_k {sk} is treated as -1, which changes rows when "
-        f"seqlen_q ({sq}) > window_right + 1"
+        f"window_size right = {wr} >= seqlen_k {sk} becomes {became}; with seqlen_q = {sq} "
+        "some rows then see other keys than asked"
     )
 
 

@@ -195,7 +195,9 @@ def default_path() -> Path:
 
 
 def _error_location(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "<top level>"
+    parts = [str(part) for part in loc if part != "[key]"]
+    where = ".".join(parts) or "<top level>"
+    return f"{where} (as a key)" if "[key]" in loc else where
 
 
 def load(path: str | os.PathLike | None = None) -> ToleranceTable:
@@ -209,6 +211,11 @@ def load(path: str | os.PathLike | None = None) -> ToleranceTable:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ToleranceFileError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ToleranceFileError(
+            f"{file}: field '<top level>': expected a mapping with 'version' and 'rules', "
+            f"got {type(data).__name__}"
+        )
     try:
         parsed = _File.model_validate(data)
     except ValidationError as exc:

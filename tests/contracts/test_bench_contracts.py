@@ -1,0 +1,29 @@
+"""Cost of a contract check (pytest-benchmark). Deselected by default; run with
+``python -m pytest tests/contracts -m bench --benchmark-only``. No timing thresholds here: the
+target (<= 10 us median for a valid meta-mode call on CPU tensors) is reported, not asserted.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contracts import dense_reasons, varlen_reasons
+from contracts_testkit import dense_inputs, varlen_inputs
+
+pytestmark = pytest.mark.bench
+
+
+def test_bench_dense_reasons_meta_mode(benchmark):
+    args = dense_inputs(b=2, sq=1024, sk=1024, hq=16, hk=4, d=128)
+    assert benchmark(dense_reasons, **args) == []
+
+
+def test_bench_varlen_reasons_meta_mode(benchmark):
+    args = varlen_inputs(lq=(97, 1025, 300, 7), hq=16, hk=4, d=128)
+    assert benchmark(varlen_reasons, **args, causal=True) == []
+
+
+def test_bench_varlen_reasons_strict_mode(benchmark):
+    args = varlen_inputs(lq=(97, 1025, 300, 7), hq=16, hk=4, d=128)
+    args["seqused_k"] = torch.tensor([90, 1000, 300, 7], dtype=torch.int32)
+    assert benchmark(varlen_reasons, **args, causal=True, strict=True) == []

@@ -2,6 +2,18 @@
 
 Loaded by the repository's root ``conftest.py``; from elsewhere use
 ``pytest -p conformance.plugin --pyargs conformance``.
+
+Options (each has an ``NSA_CONFORMANCE_*`` environment fallback, see ``conformance.impl``):
+
+--nsa-impl=pkg.mod:fn          full NSA, ``fn(q, k, v, gates, cfg, cu_seqlens=None) -> out``
+--nsa-cmp-impl=pkg.mod:fn      cmp branch, ``fn(q, k_cmp, v_cmp, cfg, cu_seqlens=None) -> out | (out, lse)``
+--nsa-sel-impl=pkg.mod:fn      sel branch, ``fn(q, k, v, block_idx, cfg, cu_seqlens=None) -> out``
+--nsa-win-impl=pkg.mod:fn      win branch, ``fn(q, k, v, cfg, cu_seqlens=None) -> out``
+--nsa-select-impl=pkg.mod:fn   block selection, ``fn(q, k_cmp, cfg, cu_seqlens=None) -> block_idx``
+--nsa-compress-impl=pkg.mod:fn compression, ``fn(x, cfg, cu_seqlens=None) -> x_cmp | (x_cmp, cu_cmp)``
+--nsa-backend=NAME             backend for nsa_ref where no impl is given (default auto)
+--nsa-device=DEV               device the implementation gets its tensors on (default cpu)
+--nsa-dtype=fp64|fp32|bf16|fp16  dtype of those tensors (default fp64: exact comparisons)
 """
 from __future__ import annotations
 
@@ -12,6 +24,15 @@ GPU_SKIP_REASON = (
     "Run `python -m pytest -m gpu` on a machine with an NVIDIA GPU (sm80 or newer)."
 )
 
+_IMPL_OPTIONS = (
+    ("nsa", "--nsa-impl", "full NSA: fn(q, k, v, gates, cfg, cu_seqlens=None) -> out (T, Hq, Dv)"),
+    ("cmp", "--nsa-cmp-impl", "cmp branch: fn(q, k_cmp, v_cmp, cfg, cu_seqlens=None) -> out or (out, lse)"),
+    ("sel", "--nsa-sel-impl", "sel branch: fn(q, k, v, block_idx, cfg, cu_seqlens=None) -> out"),
+    ("win", "--nsa-win-impl", "win branch: fn(q, k, v, cfg, cu_seqlens=None) -> out"),
+    ("select", "--nsa-select-impl", "block selection: fn(q, k_cmp, cfg, cu_seqlens=None) -> block_idx (T, Hkv, n_sel)"),
+    ("compress", "--nsa-compress-impl", "compression: fn(x, cfg, cu_seqlens=None) -> x_cmp or (x_cmp, cu_seqlens_cmp)"),
+)
+
 
 def _cuda_available() -> bool:
     # torch.cuda.is_available() asks the driver without creating a CUDA context.
@@ -20,7 +41,67 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    from conformance.impl import DTYPES, ENV_VARS, env_defaults
+
+    env = env_defaults()
+    group = parser.getgroup("nsa-conformance", "NSA conformance: implementation under test")
+    for slot, flag, what in _IMPL_OPTIONS:
+        group.addoption(
+            flag, dest=f"nsa_{slot}_impl", metavar="MODULE:FUNCTION", default=env[slot],
+            help=f"{what}. Default: nsa_ref's own (env {ENV_VARS[slot]})",
+        )
+    group.addoption(
+        "--nsa-backend", dest="nsa_backend", default=env["backend"] or "auto",
+        help="backend passed to nsa_ref where no implementation is given: auto, reference, sdpa, fa2 (default auto)",
+    )
+    group.addoption(
+        "--nsa-device", dest="nsa_device", default=env["device"] or "cpu",
+        help="device the implementation under test gets its tensors on (default cpu; e.g. cuda)",
+    )
+    group.addoption(
+        "--nsa-dtype", dest="nsa_dtype", default=env["dtype"] or "fp64", choices=list(DTYPES),
+        help="dtype of the inputs; fp64 (default) compares against the brute force almost exactly, "
+        "lower precisions use the tolerances.yaml rule against a same-precision brute-force baseline",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "nsa_ref_only: checks nsa_ref itself (e.g. sdpa vs reference); skipped when a user implementation is under test"
+    )
+    from conformance.impl import ImplLoadError, build
+
+    specs = {slot: config.getoption(f"nsa_{slot}_impl", None) for slot, _, _ in _IMPL_OPTIONS}
+    device = config.getoption("nsa_device", "cpu")
+    if str(device).startswith("cuda") and not _cuda_available():
+        raise pytest.UsageError(f"--nsa-device={device}: no CUDA device on this machine")
+    try:
+        config._nsa_impl = build(
+            specs,
+            backend=config.getoption("nsa_backend", "auto"),
+            device=device,
+            dtype=config.getoption("nsa_dtype", "fp64"),
+        )
+    except ImplLoadError as exc:
+        raise pytest.UsageError(f"nsa-conformance: {exc}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    impl = getattr(config, "_nsa_impl", None)
+    return impl.describe() if impl is not None else []
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    impl = getattr(config, "_nsa_impl", None)
+    if impl is not None and impl.user_given:
+        skip_ref = pytest.mark.skip(
+            reason=f"checks nsa_ref itself; a user implementation is under test ({', '.join(impl.user_given)})"
+        )
+        for item in items:
+            if item.get_closest_marker("nsa_ref_only") is not None:
+                item.add_marker(skip_ref)
+
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     config._nsa_gpu_skipped = 0
     if not gpu_items or _cuda_available():
@@ -38,3 +119,78 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             f"nsa-fa2: {skipped} GPU test(s) skipped (no CUDA). "
             "To run them: `python -m pytest -m gpu` on a CUDA machine."
         )
+
+
+# --- fixtures: the implementation under test and where its tensors live ------------------------
+
+@pytest.fixture(scope="session")
+def impl_under_test(pytestconfig: pytest.Config):
+    """The ``conformance.impl.ImplUnderTest`` built from the command line."""
+    return pytestconfig._nsa_impl
+
+
+@pytest.fixture(scope="session")
+def nsa_impl(impl_under_test):
+    """``f(q, k, v, gates, cfg, cu_seqlens=None) -> out (T, Hq, Dv)``."""
+    return impl_under_test.nsa
+
+
+@pytest.fixture(scope="session")
+def cmp_impl(impl_under_test):
+    """``f(q, k_cmp, v_cmp, cfg, cu_seqlens=None) -> (out (T, Hq, Dv), lse (T, Hq) or None)``."""
+    return impl_under_test.cmp
+
+
+@pytest.fixture(scope="session")
+def sel_impl(impl_under_test):
+    """``f(q, k, v, block_idx, cfg, cu_seqlens=None) -> out (T, Hq, Dv)``."""
+    return impl_under_test.sel
+
+
+@pytest.fixture(scope="session")
+def win_impl(impl_under_test):
+    """``f(q, k, v, cfg, cu_seqlens=None) -> out (T, Hq, Dv)``."""
+    return impl_under_test.win
+
+
+@pytest.fixture(scope="session")
+def select_impl(impl_under_test):
+    """``f(q, k_cmp, cfg, cu_seqlens=None) -> block_idx (T, Hkv, n_sel) int``."""
+    return impl_under_test.select
+
+
+@pytest.fixture(scope="session")
+def compress_impl(impl_under_test):
+    """``f(x, cfg, cu_seqlens=None) -> x_cmp (Tc, H, D)``."""
+    return impl_under_test.compress
+
+
+@pytest.fixture(scope="module")
+def nsa_cpu_threads(impl_under_test):
+    """One intra-op thread while a conformance module runs on the CPU, restored afterwards.
+
+    The tensors here are tiny and the brute force loops per query; extra threads only add
+    synchronisation, and on a shared machine (more runnable threads than cores) they made the
+    brute force 5-10x slower. Use with ``pytestmark = pytest.mark.usefixtures("nsa_cpu_threads")``."""
+    import torch
+
+    if impl_under_test.device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def nsa_device(impl_under_test) -> str:
+    return impl_under_test.device
+
+
+@pytest.fixture(scope="session")
+def nsa_dtype(impl_under_test):
+    """torch dtype of the inputs handed to the implementation under test."""
+    return impl_under_test.dtype

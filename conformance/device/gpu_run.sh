@@ -13,9 +13,9 @@ python3 -m conformance.envinfo > "$OUT/env.json"; cat "$OUT/env.json"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 if [ "$what" = pytest ] || [ "$what" = all ]; then
   NSA_REQUIRE_PROVIDERS=flash_attn,torch NSA_PARITY_REPORT="$OUT/gpu_parity.json" \
-    timeout 420 python3 -m pytest conformance -m gpu -q -p no:cacheprovider --maxfail=20 \
+    timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest ${PYTEST_TARGET:-conformance} -m gpu -q -p no:cacheprovider --maxfail=20 \
     --junitxml="$OUT/gpu_junit.xml" 2>&1 | tee "$OUT/gpu_pytest.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m conformance.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log"
+  timeout "${BENCH_TIMEOUT:-540}" python3 -m conformance.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^W1"
 fi

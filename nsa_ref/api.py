@@ -125,8 +125,15 @@ def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple
         fn, extra = getattr(fa2, name), {"provider": route.provider, "pref_fp16": route.pref_fp16}
     else:
         raise ValueError(f"router chose path {route.path!r} for {branch}, which api.py does not know")
-    with telemetry.timed(branch, route.path, q, current_settings().debug_timing):
-        return fn(*args, cu_seqlens, **extra)
+    settings = current_settings()
+    with telemetry.timed(branch, route.path, q, settings.debug_timing):
+        result = fn(*args, cu_seqlens, **extra)
+    if settings.sdpa_audit and route.path != "sdpa":
+        from nsa_ref.audit import audit_against_sdpa
+
+        out = result[0] if isinstance(result, tuple) else result
+        audit_against_sdpa(branch, route.path, args, cu_seqlens, out, settings.sdpa_audit_rows)
+    return result
 
 
 # --- public functions --------------------------------------------------------------------------

@@ -92,18 +92,19 @@ def _on_cuda(q: torch.Tensor) -> bool:
 
 
 def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | None = None,
-                enforce_min_len: bool = True):
+                explicit: bool = False):
     """(reason FA-2 is not taken or None, provider) for one branch call.
 
-    The minimum length is a speed heuristic: an explicit backend='fa2' skips it.
+    The NSA_USE_FA2* switches and the minimum lengths steer ``auto``; an explicit
+    backend='fa2' skips them and keeps only what FA-2 needs (CUDA, a provider, the contract).
     """
     from nsa_ref import fa2
 
     s = settings or current_settings()
     flag = {"win": s.use_fa2_win, "cmp": s.use_fa2_cmp, "sel": s.use_fa2_sel}[branch]
-    if not s.use_fa2:
+    if not explicit and not s.use_fa2:
         return "disabled by NSA_USE_FA2=0", None
-    if not flag:
+    if not explicit and not flag:
         return f"disabled by NSA_USE_FA2_{branch.upper()}=0", None
     # sel has no tuned minimum length: its FA-2 gather path is opt-in (NSA_USE_FA2_SEL=1).
     if not _on_cuda(q):
@@ -113,8 +114,8 @@ def fa2_refusal(branch, q, k, v, cfg, cu_seqlens=None, settings: NSASettings | N
     provider = fa2.resolve_provider(s.fa2_provider)
     if provider is None:
         return f"no usable FA-2 provider for NSA_FA2_PROVIDER={s.fa2_provider}", None
-    min_len, source = _min_len(branch, q, s) if enforce_min_len else (0, "")
-    if enforce_min_len and q.shape[0] < min_len:
+    min_len, source = (0, "") if explicit else _min_len(branch, q, s)
+    if q.shape[0] < min_len:
         return f"T below the FA-2 minimum length ({source})", provider
     refusal = _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s)
     return refusal, provider
@@ -135,7 +136,7 @@ def choose(branch: str, backend: str = "auto", *, q, k, v, cfg, cu_seqlens=None,
     if backend in ("reference", "sdpa"):
         route = Route(branch, backend, "requested")
     else:
-        refusal, provider = fa2_refusal(branch, q, k, v, cfg, cu_seqlens, s, enforce_min_len=backend == "auto")
+        refusal, provider = fa2_refusal(branch, q, k, v, cfg, cu_seqlens, s, explicit=backend == "fa2")
         if refusal is None:
             route = Route(branch, "fa2", f"{provider.name} {provider.version()}", provider, s.fa2_pref_fp16)
         elif backend == "fa2":

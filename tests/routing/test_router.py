@@ -115,3 +115,10 @@ def test_telemetry_fractions():
     assert snap["path_fractions"][("win", "fa2")] == pytest.approx(2 / 3)
     telemetry.reset()
     assert telemetry.snapshot()["counts"] == {}
+
+
+def test_explicit_fa2_ignores_the_auto_switches(gpu_like):
+    q, k, v = _qkv()
+    s = NSASettings(use_fa2=False, use_fa2_sel=False)
+    assert router.choose("sel", "fa2", q=q, k=k, v=v, cfg=CFG, settings=s).path == "fa2"
+    assert router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=s).path == "sdpa"

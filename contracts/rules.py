@@ -200,10 +200,13 @@ def _index_shapes_ok(c: CallFacts) -> bool:
         return False
     if c.kind == "varlen":
         cu_q, cu_k, used = c.cu_q, c.cu_k, c.seqused_k
+        if not isinstance(cu_q, Tensor):
+            return not isinstance(used, Tensor)  # b is unknown; FA2-INDEX-DTYPE names cu_q
+        # cu_q is 1-D with b + 1 entries, so its shape is the one cu_k needs.
         return (
-            (not isinstance(cu_q, Tensor) or cu_q.dim() == 1)
-            and (not isinstance(cu_k, Tensor) or b is None or cu_k.shape == (b + 1,))
-            and (not isinstance(used, Tensor) or used.shape == (b,))
+            cu_q.dim() == 1
+            and (not isinstance(cu_k, Tensor) or cu_k.shape == cu_q.shape)
+            and (used is None or not isinstance(used, Tensor) or used.shape == (b,))
         )
     return all(
         not isinstance(t, Tensor) or t.shape == (b,)

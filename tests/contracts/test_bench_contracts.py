@@ -27,3 +27,17 @@ def test_bench_varlen_reasons_strict_mode(benchmark):
     args = varlen_inputs(lq=(97, 1025, 300, 7), hq=16, hk=4, d=128)
     args["seqused_k"] = torch.tensor([90, 1000, 300, 7], dtype=torch.int32)
     assert benchmark(varlen_reasons, **args, causal=True, strict=True) == []
+
+
+@pytest.mark.gpu
+def test_bench_varlen_reasons_strict_mode_cuda(benchmark):
+    """Strict mode on CUDA index tensors: one concat and one device-to-host copy (one sync)."""
+    args = varlen_inputs(lq=(97, 1025, 300, 7), hq=16, hk=4, d=128, device="cuda")
+    args["seqused_k"] = torch.tensor([90, 1000, 300, 7], dtype=torch.int32, device="cuda")
+    assert benchmark(varlen_reasons, **args, causal=True, strict=True) == []
+
+
+@pytest.mark.gpu
+def test_bench_varlen_reasons_meta_mode_cuda(benchmark):
+    args = varlen_inputs(lq=(97, 1025, 300, 7), hq=16, hk=4, d=128, device="cuda")
+    assert benchmark(varlen_reasons, **args, causal=True) == []

@@ -13,6 +13,8 @@ import torch
 
 from conformance import brute
 
+pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
+
 
 def cfg(**kw):
     base = dict(block_len=32, block_stride=16, sel_block=64, n_sel=16, n_init=1, n_local=2,

@@ -1,0 +1,98 @@
+"""Compression branch: compress (mean phi) and cmp attention against the brute force.
+
+Pins (nsa_spec.md "Compression"): Tc = floor((T - l)/d) + 1; k_cmp[i] = mean k[i*d : i*d + l];
+query t sees block i iff i*d + l - 1 <= t; rows with no visible block are exactly 0, lse -inf,
+zero gradient, never NaN. Implementation under test: ``compress_impl`` and ``cmp_impl``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+
+from conformance import assertions as A
+from conformance import brute
+from conformance.cases import (
+    SMALL_CFG, as_params, case_strategy, default_cases, make_inputs, on_device, problem, property_settings, single,
+    small_cases,
+)
+
+pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
+
+CASES = default_cases() + as_params(small_cases())
+
+
+def check_cmp(case, cmp_impl, device, dtype) -> None:
+    """Run ``cmp_impl`` on the case's compressed keys and compare out (and lse if returned)."""
+    p = problem(case, "cmp", dtype)
+    cfg = case.config()
+    args = on_device(p.args, device)
+    out, lse = cmp_impl(args["q"], args["k_cmp"], args["v_cmp"], cfg, args["cu_seqlens"])
+    where = f"{case} dtype={A.dtype_name(dtype)}"
+    A.assert_shape(out, (case.total, case.hq, case.dv), rule=A.RULE_CMP, where=where)
+    truth_out, truth_lse = p.truth
+    base_out, base_lse = p.base if p.base is not None else (None, None)
+    cu = p.args["cu_seqlens"]
+    A.assert_close(out, truth_out, base_out, rule=A.RULE_CMP, dtype=dtype, where=where, cu_seqlens=cu)
+    if lse is not None:
+        A.assert_shape(lse, (case.total, case.hq), rule=A.RULE_CMP_LSE, where=where, name="lse")
+        # An fp32 lse from fp64 inputs is judged against the truth rounded to the lse's dtype.
+        lse_base = (truth_lse if base_lse is None else base_lse).to(lse.dtype)
+        A.assert_close(lse, truth_lse, lse_base, rule=A.RULE_CMP_LSE, dtype=dtype, quantity="lse",
+                       where=where, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cmp_matches_brute(case, cmp_impl, nsa_device, nsa_dtype):
+    """cmp visibility i*d + l - 1 <= t, softmax over visible blocks, GQA h -> h // G."""
+    check_cmp(case, cmp_impl, nsa_device, nsa_dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compress_matches_brute(case, compress_impl, nsa_device, nsa_dtype):
+    """k_cmp[i] = mean(k[i*d : i*d + l]) per sequence, Tc = floor((T - l)/d) + 1 rows."""
+    x = make_inputs(case, nsa_dtype)
+    cfg = case.config()
+    where = f"{case} dtype={A.dtype_name(nsa_dtype)}"
+    for name, t in (("k", x.k), ("v", x.v)):
+        got = compress_impl(t.to(nsa_device), cfg, None if x.cu_seqlens is None else x.cu_seqlens.to(nsa_device))
+        want, _ = brute.compress(t.double(), cfg, x.cu_seqlens)
+        base = None if nsa_dtype == torch.float64 else brute.compress(t, cfg, x.cu_seqlens)[0]
+        A.assert_shape(got, tuple(want.shape), rule=A.RULE_COMPRESS, where=where, name=f"{name}_cmp")
+        A.assert_close(got, want, base, rule=A.RULE_COMPRESS, dtype=nsa_dtype, where=f"{where} {name}_cmp")
+
+
+@pytest.mark.parametrize("T", [1, 6, 7, 8, 13])
+def test_cmp_empty_rows_exactly_zero(T, cmp_impl, nsa_device, nsa_dtype):
+    """Rows t < l - 1 (l = 8 here) see no block: output exactly 0, lse -inf, nothing NaN."""
+    case = single(T, 4, 2, SMALL_CFG, dk=13, dv=7)
+    p = problem(case, "cmp", nsa_dtype)
+    args = on_device(p.args, nsa_device)
+    cfg = case.config()
+    out, lse = cmp_impl(args["q"], args["k_cmp"], args["v_cmp"], cfg, None)
+    where = f"{case}"
+    empty = torch.arange(T) < cfg.block_len - 1
+    A.assert_finite(out, where=where)
+    A.assert_zero_rows(out, empty, rule=A.RULE_CMP_EMPTY, where=where)
+    if lse is not None:
+        A.assert_finite(lse, where=where, name="lse", allow_neg_inf=True)
+        lse = lse.detach().cpu()
+        if not bool(torch.isneginf(lse[empty]).all()):
+            t = int((~torch.isneginf(lse[empty].amax(-1))).nonzero()[0])
+            raise AssertionError(f"{A.RULE_CMP_EMPTY}: {where}: lse at t={t} is {lse[t].tolist()}, must be -inf")
+        if bool(torch.isinf(lse[~empty]).any()):
+            raise AssertionError(f"{A.RULE_CMP_LSE}: {where}: lse is infinite on a row that sees a block")
+
+
+@given(case=case_strategy(max_len=40))
+@property_settings(max_examples=20)
+def test_cmp_random_shapes(case, cmp_impl, nsa_device, nsa_dtype):
+    """Property: random small configs/shapes (l multiple of d, any G, Dk, Dv) match the brute force."""
+    check_cmp(case, cmp_impl, nsa_device, nsa_dtype)
+
+
+@given(case=case_strategy(max_len=30, varlen=True))
+@property_settings(max_examples=10)
+def test_cmp_random_varlen(case, cmp_impl, nsa_device, nsa_dtype):
+    """Property: random packed batches (empty sequences included) match the per-sequence brute force."""
+    check_cmp(case, cmp_impl, nsa_device, nsa_dtype)

@@ -167,6 +167,42 @@ def fwd_flops(branch, T, hq, dk, dv, cfg) -> float:
     return float("nan")
 
 
+def merge_csvs(parts: list[Path], target: Path) -> int:
+    """Append the rows of each shard CSV to `target` (header once); returns rows merged."""
+    rows = []
+    for part in parts:
+        if part.exists():
+            with part.open() as fh:
+                rows.extend(csv.DictReader(fh))
+    new_file = not target.exists()
+    with target.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
+def run_sharded(argv: list[str], workers: int, out: Path) -> int:
+    """One subprocess per GPU (CUDA_VISIBLE_DEVICES=i), shard i of n each; merge their CSVs."""
+    import os
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(workers):
+        shard_out = out / f"shard_{i}"
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
+        cmd = [sys.executable, "-m", "conformance.bench", *argv, "--workers", "1",
+               "--shard", f"{i}/{workers}", "--out", str(shard_out)]
+        print(f"bench: worker {i} on GPU {i} -> {shard_out}", flush=True)
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    merged = merge_csvs([out / f"shard_{i}" / "bench.csv" for i in range(workers)], out / "bench.csv")
+    print(f"bench: merged {merged} rows from {workers} workers into {out / 'bench.csv'}")
+    return max(codes)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nsa-fa2 bench", description=__doc__.splitlines()[0])
     ap.add_argument("--branches", default="win,cmp,sel,nsa,full_causal")
@@ -182,12 +218,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate", type=int, default=2, help="input sets rotated between runs")
     ap.add_argument("--max-sdpa-T", type=int, default=16384, help="skip the SDPA fallback above this T")
     ap.add_argument("--out", default="artifacts/bench")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="one worker process per GPU (0 = every visible GPU; 1 = run in this process)")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th case starting at i (set by --workers)")
     args = ap.parse_args(argv)
 
     import torch
     if not torch.cuda.is_available():
         print("nsa-fa2 bench: no CUDA device here; the sweep needs a GPU (nothing was timed).")
         return 0
+    workers = args.workers or torch.cuda.device_count()
+    if workers > 1 and args.shard == "0/1":
+        return run_sharded(argv if argv is not None else sys.argv[1:], workers, Path(args.out))
+    shard_i, shard_n = (int(x) for x in args.shard.split("/"))
     from nsa_ref.config import NSAConfig
 
     cfg = NSAConfig()
@@ -204,6 +247,8 @@ def main(argv=None) -> int:
              for hd in _parse_list(args.head_dims) for dt in _parse_list(args.dtypes)
              for T in _parse_list(args.T, int) for b in _parse_list(args.branches)
              for p in _parse_list(args.paths) for m in _parse_list(args.modes)]
+    # Shards interleave cases so every worker gets a mix of short and long sequences.
+    cases = cases[shard_i::shard_n]
     new_file = not csv_path.exists()
     with csv_path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)

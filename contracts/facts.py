@@ -106,7 +106,7 @@ def _head_dims(c: CallFacts) -> None:
 
 
 def dense_facts(
-    q, k, v, *, causal, window_size, dropout_p, softcap, alibi_slopes, requires_grad,
+    q, k, v, causal, window_size, dropout_p, softcap, alibi_slopes, requires_grad,
     return_softmax, caps, provider, strict,
 ) -> CallFacts:
     """Facts of a dense call: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
@@ -135,7 +135,7 @@ def dense_facts(
 
 
 def varlen_facts(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, seqused_k, block_table,
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
     causal, window_size, dropout_p, softcap, alibi_slopes, requires_grad, return_softmax, caps,
     provider, strict,
 ) -> CallFacts:

@@ -158,8 +158,8 @@ def fa2_num_splits(c: CallFacts) -> str | None:
 
 
 def fa2_index_contiguous(c: CallFacts) -> str | None:
-    *flat, table = c.index
-    for t in flat:
+    first, second, third, table = c.index
+    for t in (first, second, third):
         if t is not None and isinstance(t, Tensor) and not t.is_contiguous():
             break
     else:
@@ -236,7 +236,9 @@ def fa2_index_shape(c: CallFacts) -> str | None:
 def fa2_last_dim_stride(c: CallFacts) -> str | None:
     if c.spec.fixes_last_dim_stride:
         # The Python layer makes q/k/v (and new k/v) contiguous, but asserts on the caches.
-        named = ((c.k_name, c.k), (c.v_name, c.v)) if c.kind == "kvcache" else ()
+        if c.kind != "kvcache":
+            return None
+        named = ((c.k_name, c.k), (c.v_name, c.v))
     else:
         named = (("q", c.q), (c.k_name, c.k), (c.v_name, c.v), ("k", c.k_new), ("v", c.v_new))
     bad = [f"{name}.stride() is {t.stride()}" for name, t in named if t is not None and t.stride(-1) != 1]

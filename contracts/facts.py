@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .caps import DeviceCaps, resolve_caps
-from .spec import _SPECS, ProviderSpec, spec_for
+from .spec import _SPECS, spec_for
 
 Tensor = torch.Tensor
 
@@ -241,4 +241,4 @@ def settings_line(c: CallFacts) -> str:
     return " ".join(parts)
 
 
-__all__ = ["CallFacts", "dense_facts", "varlen_facts", "kvcache_facts", "settings_line", "ProviderSpec"]
+__all__ = ["CallFacts", "dense_facts", "varlen_facts", "kvcache_facts", "settings_line"]

@@ -196,11 +196,9 @@ def problem(case: Case, branch: str, dtype: torch.dtype = torch.float64) -> Prob
     _, parts = brute_truth(case)
     same = dtype == torch.float64
 
-    def both(fn, *names_and_tensors):
-        truth = fn(*(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                     for t in names_and_tensors))
-        base = None if same else fn(*names_and_tensors)
-        return truth, base
+    def both(fn, *tensors):
+        """(fn on the fp64 copies: the truth, fn on the low-precision tensors themselves: the base)."""
+        return fn(*(t.double() for t in tensors)), fn(*tensors)
 
     cu = x.cu_seqlens
     if branch == "cmp":
@@ -250,8 +248,9 @@ def lengths_to_cu(lengths, device=None) -> torch.Tensor:
 
 
 def on_device(args: dict, device) -> dict:
-    """Move every tensor of ``args`` to ``device`` (dtype unchanged)."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    """Copy every tensor of ``args`` to ``device`` (dtype unchanged). Always a copy, so an
+    implementation that writes into its inputs cannot corrupt the cached problem."""
+    return {k: (v.to(device, copy=True) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
 def tie_rtol(dtype: torch.dtype) -> float:

@@ -67,9 +67,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "nsa_ref_only: checks nsa_ref itself (e.g. sdpa vs reference); skipped when a user implementation is under test"
-    )
+    # Registered here too, so the suite also runs outside this repository (no pyproject markers):
+    # pytest -p conformance.plugin --pyargs conformance -m "not slow and not bench"
+    for line in (
+        "nsa_ref_only: checks nsa_ref itself (e.g. sdpa vs reference); skipped when a user implementation is under test",
+        "slow: long-running; deselect with -m 'not slow'",
+        "gpu: needs a CUDA GPU; skipped with a message where there is none",
+        "bench: pytest-benchmark timing; deselect with -m 'not bench'",
+    ):
+        known = {m.split(":")[0].split("(")[0].strip() for m in config.getini("markers")}
+        if line.split(":")[0] not in known:
+            config.addinivalue_line("markers", line)
     from conformance.impl import ImplLoadError, build
 
     specs = {slot: config.getoption(f"nsa_{slot}_impl", None) for slot, _, _ in _IMPL_OPTIONS}

@@ -14,7 +14,7 @@ from conformance import assertions as A
 from conformance import brute
 from conformance.cases import (
     SMALL_CFG, as_params, case_strategy, default_cases, make_inputs, on_device, problem, property_settings, single,
-    small_cases,
+    small_cases, varlen_case,
 )
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
@@ -82,6 +82,20 @@ def test_cmp_empty_rows_exactly_zero(T, cmp_impl, nsa_device, nsa_dtype):
             raise AssertionError(f"{A.RULE_CMP_EMPTY}: {where}: lse at t={t} is {lse[t].tolist()}, must be -inf")
         if bool(torch.isinf(lse[~empty]).any()):
             raise AssertionError(f"{A.RULE_CMP_LSE}: {where}: lse is infinite on a row that sees a block")
+
+
+@pytest.mark.nsa_ref_only
+@pytest.mark.parametrize("case", [single(97, 4, 2), single(30, 16, 1), varlen_case()], ids=str)
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_nsa_ref_backend_lse_matches_brute(backend, case, nsa_device):
+    """nsa_ref's public cmp_attention returns out only; its backend modules return (out, lse):
+    lse (T, Hq) fp32 = log-sum-exp over visible blocks, -inf on empty rows."""
+    import importlib
+
+    from conformance.impl import split_out_lse
+
+    module = importlib.import_module(f"nsa_ref.{backend}")
+    check_cmp(case, lambda *a: split_out_lse(module.cmp_attention(*a)), nsa_device, torch.float64)
 
 
 @given(case=case_strategy(max_len=40))

@@ -79,6 +79,9 @@ class ProviderSpec(BaseModel):
     varlen_attn_supports_seqused_k: bool = False
 
     permanent_guards: tuple[str, ...] = _PERMANENT_GUARDS
+    # Which rules to keep on in production for this provider/version, what to do when one fires,
+    # and the evidence (filled by guard_recommendations_for; see GuardRecommendation below).
+    guard_recommendations: tuple["GuardRecommendation", ...] = ()
 
     @property
     def label(self) -> str:
@@ -134,6 +137,7 @@ def _flash_attn_spec(version: str) -> ProviderSpec:
         masks_return_softmax=True,
         allowed_archs=None if new_arch_rules else ((8, None), (9, 0)),
         bwd_garbage_archs=((8, 6), (8, 9), (12, 0)) if new_arch_rules else (),
+        guard_recommendations=guard_recommendations_for("flash_attn", version),
     )
 
 
@@ -149,6 +153,7 @@ def _torch_spec(version: str) -> ProviderSpec:
         aten_supports_block_table=v >= (2, 13),
         varlen_attn_supports_gqa=v >= (2, 13),
         varlen_attn_supports_seqused_k=v >= (2, 13),
+        guard_recommendations=guard_recommendations_for("torch", version),
     )
 
 
@@ -180,3 +185,140 @@ def spec_for(provider: str | ProviderSpec = "flash_attn") -> ProviderSpec:
         spec = _flash_attn_spec(version or installed_flash_attn_version() or DEFAULT_FLASH_ATTN_VERSION)
     _SPECS[provider] = spec
     return spec
+
+
+# --- permanent guard recommendations (data) -------------------------------------------------------
+
+
+class GuardRecommendation(BaseModel):
+    """One rule worth keeping on permanently for some providers/versions/archs, and why.
+
+    ``action``: "refuse" (raise before the kernel) or "warn" (log and run: semantics the caller may
+    have meant). ``mode``: the contract mode that sees it; "meta" costs no device sync, "strict"
+    needs one host copy of the index tensors per call. ``versions``: comma-separated bounds on the
+    provider's version ("all", ">=2.7.3", "<=2.8.3", ">=2.13"). ``archs``: "sm86"-style names where
+    the class exists; empty = every arch. ``evidence``: where the crash/corruption was seen and the
+    probe that reproduces it (``conformance/probes/<name>.py``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    rule: str
+    action: Literal["refuse", "warn"]
+    mode: Literal["meta", "strict"] = "meta"
+    condition: str
+    providers: tuple[Literal["flash_attn", "torch"], ...] = ("flash_attn", "torch")
+    versions: str = "all"
+    archs: tuple[str, ...] = ()
+    evidence: str
+
+    def covers_version(self, version: str) -> bool:
+        """Whether ``version`` lies within ``versions``."""
+        v = version_tuple(version)
+        for bound in (b.strip() for b in self.versions.split(",")):
+            if bound in ("", "all"):
+                continue
+            op, number = bound[:2], bound[2:].strip()
+            want = version_tuple(number)
+            n = max(len(v), len(want))
+            lhs, rhs = v + (0,) * (n - len(v)), want + (0,) * (n - len(want))
+            if (op == ">=" and lhs < rhs) or (op == "<=" and lhs > rhs):
+                return False
+            if op not in (">=", "<="):
+                raise ValueError(f"{self.rule}: version bound {bound!r} must start with >= or <=")
+        return True
+
+    def covers_arch(self, caps) -> bool:
+        """Whether the class exists on ``caps`` (a DeviceCaps, "sm86"-style text, or None = unknown)."""
+        if not self.archs or caps is None:
+            return True
+        sm = caps if isinstance(caps, str) else getattr(caps, "sm", str(caps))
+        return sm.lower().replace("_", "") in self.archs
+
+
+_STRICT_COST = "strict mode: one host copy of the index tensors per call"
+GUARD_RECOMMENDATIONS: tuple[GuardRecommendation, ...] = (
+    GuardRecommendation(
+        rule="FA2-HEADS-KV-ZERO", action="refuse", condition="k/v have 0 heads",
+        evidence="[H100] SIGFPE kills the process on both providers; probe heads_kv_zero"),
+    GuardRecommendation(
+        rule="FA2-DENSE-EMPTY-Q", action="refuse", condition="dense seqlen_q == 0",
+        evidence="[H100] CUDA 'invalid argument', context may be poisoned; probe dense_empty_q"),
+    GuardRecommendation(
+        rule="FA2-VARLEN-GQA-DECODE", action="refuse",
+        condition="varlen, Hq > Hkv, max_seqlen_q == 1 and total_q != batch (e.g. empty query sequences)",
+        evidence="[H100] RuntimeError from an internal reshape (issues #1537, #1619); probe varlen_gqa_decode"),
+    GuardRecommendation(
+        rule="FA2-INT32-OFFSET", action="refuse",
+        condition="a backward with b * round_up(seqlen_q, 128) * Hq * d_rounded >= 2**31",
+        evidence="issue #1311: int32 dq_accum offsets, illegal memory access; fixed only on main (PR #2260), "
+                 "torch's vendored copy not shown fixed; probe int32_offset"),
+    GuardRecommendation(
+        rule="FA2-GRID-LIMIT", action="refuse", condition="batch or heads > 65535 (b * h with split-KV)",
+        evidence="src launch templates: CUDA 'invalid configuration argument'; probe grid_limit"),
+    GuardRecommendation(
+        rule="FA2-BWD-GARBAGE-GRADS", action="refuse", providers=("flash_attn",), versions=">=2.7.3",
+        archs=("sm86", "sm89", "sm120"), condition="backward with dropout_p > 0 and 192 < head dim <= 256",
+        evidence="src flash_bwd_launch_template.h launches no kernel: garbage gradients, no error; "
+                 "probe bwd_garbage_grads (runs only on those archs)"),
+    GuardRecommendation(
+        rule="FA2-CAUSAL-DROPPED", action="refuse",
+        condition="causal=True with max_seqlen_q == 1 while total_q > batch",
+        evidence="[H100] / api: causal silently switched off; probe causal_dropped"),
+    GuardRecommendation(
+        rule="FA2-CU-SEQLENS-START", action="refuse", mode="strict", condition=f"cu_seqlens[0] != 0 ({_STRICT_COST})",
+        evidence="[H100] out-of-bounds reads, garbage without error; probe cu_seqlens_start"),
+    GuardRecommendation(
+        rule="FA2-CU-SEQLENS-DECREASING", action="refuse", mode="strict",
+        condition=f"cu_seqlens decreasing anywhere ({_STRICT_COST})",
+        evidence="[H100] negative lengths, garbage without error; probe cu_seqlens_decreasing"),
+    GuardRecommendation(
+        rule="FA2-CU-SEQLENS-OVERRUN", action="refuse", mode="strict",
+        condition=f"cu_seqlens[-1] > the tokens given ({_STRICT_COST})",
+        evidence="[H100] reads past q/k/v, writes past out; probe cu_seqlens_overrun"),
+    GuardRecommendation(
+        rule="FA2-MAX-SEQLEN-Q-LOW", action="refuse", mode="strict",
+        condition=f"max_seqlen_q < the longest query sequence ({_STRICT_COST})",
+        evidence="[H100] rows past ceil(max_seqlen_q / kBlockM) tiles never written; probe max_seqlen_q_low"),
+    GuardRecommendation(
+        rule="FA2-SEQUSED-K-OVERRUN", action="refuse", mode="strict",
+        condition=f"seqused_k outside [0, keys of the sequence] ({_STRICT_COST})",
+        evidence="src block_info.h reads the next sequence's keys; no probe yet"),
+    GuardRecommendation(
+        rule="FA2-KV-CACHE-OVERFLOW", action="refuse", mode="strict", providers=("flash_attn",), versions="<=2.8.3",
+        condition=f"cache_seqlens + new tokens > pages_per_seq * page_size ({_STRICT_COST})",
+        evidence="issue #2709: block_table read out of bounds; probe paged_kv_overflow"),
+    GuardRecommendation(
+        rule="FA2-BLOCK-TABLE-RANGE", action="refuse", mode="strict", providers=("flash_attn",),
+        condition=f"a used block_table entry outside [0, num_blocks) ({_STRICT_COST})",
+        evidence="src: page index from block_table is not checked; no probe yet"),
+    GuardRecommendation(
+        rule="FA2-WINDOW-RIGHT-CLAMPED", action="warn",
+        condition="window_size right >= seqlen_k where that changes which keys a row sees",
+        evidence="[H100] / api: the side becomes -1 (no window); probe window_clamped"),
+    GuardRecommendation(
+        rule="FA2-DENSE-EMPTY-K", action="warn", condition="dense seqlen_k == 0",
+        evidence="[H100] no kernel runs: out = 0 and lse = +inf (not -inf)"),
+    GuardRecommendation(
+        rule="FA2-MAX-SEQLEN-K-LOW", action="warn", mode="strict",
+        condition=f"max_seqlen_k < the longest key sequence ({_STRICT_COST})",
+        evidence="api: windows >= max_seqlen_k become -1; no corruption without a window"),
+)
+
+
+def guard_recommendations_for(provider: str, version: str) -> tuple[GuardRecommendation, ...]:
+    """The recommendations that hold for ``provider`` ("flash_attn" / "torch") at ``version``."""
+    return tuple(r for r in GUARD_RECOMMENDATIONS if provider in r.providers and r.covers_version(version))
+
+
+def recommended_guards(provider: str | ProviderSpec = "flash_attn", caps=None, action: str | None = None,
+                       mode: str | None = None) -> tuple[GuardRecommendation, ...]:
+    """The spec's recommendations that exist on ``caps`` (None: every arch), optionally one action/mode."""
+    spec = spec_for(provider)
+    return tuple(
+        r for r in spec.guard_recommendations
+        if r.covers_arch(caps) and (action is None or r.action == action) and (mode is None or r.mode == mode)
+    )
+
+
+ProviderSpec.model_rebuild()

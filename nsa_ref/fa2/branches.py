@@ -66,29 +66,33 @@ def _cmp_one(q, k_cmp, v_cmp, cfg, provider: FA2Provider, pref_fp16: bool):
     dv = v_cmp.shape[-1]
     l, d = cfg.block_len, cfg.block_stride
     t0 = l - 1
-    out_dtype = q.dtype
     scale = _scale(cfg, dk)
     n_groups = max(T - t0, 0) // d  # K: full stride groups; K <= Tc always
-    rest = max(T - t0, 0) - n_groups * d
-    pieces_out = [q.new_zeros(min(T, t0), Hq, dv)]
-    pieces_lse = [q.new_full((min(T, t0), Hq), -math.inf, dtype=torch.float32)]
+    start = t0 + n_groups * d  # first row of the < d remainder rows
+    # One output buffer, each piece copied into place once (a cat of pieces would copy twice).
+    out = q.new_empty(T, Hq, dv)
+    out[: min(T, t0)].zero_()
+    lse_out = q.new_full((T, Hq), -math.inf, dtype=torch.float32)
     qp, kp, vp = _prepare(q, k_cmp, v_cmp, pref_fp16)
     if n_groups:
-        q_fold = qp[t0 : t0 + n_groups * d].view(n_groups, d, Hq, -1).transpose(0, 1)
+        q_fold = qp[t0:start].view(n_groups, d, Hq, -1).transpose(0, 1)
         k_fold = kp[:n_groups].unsqueeze(0).expand(d, -1, -1, -1)
         v_fold = vp[:n_groups].unsqueeze(0).expand(d, -1, -1, -1)
         o, lse = provider.dense(q_fold, k_fold, v_fold, causal=True, window=(-1, -1), scale=scale)
-        pieces_out.append(o[..., :dv].transpose(0, 1).reshape(n_groups * d, Hq, dv).to(out_dtype))
-        pieces_lse.append(lse.permute(2, 0, 1).reshape(n_groups * d, Hq))
-    if rest:
-        start = t0 + n_groups * d
+        out[t0:start].view(n_groups, d, Hq, dv).copy_(o[..., :dv].transpose(0, 1))
+        lse_out[t0:start].view(n_groups, d, Hq).copy_(lse.permute(2, 0, 1))
+    if start < T:
         o, lse = provider.dense(
             qp[start:].unsqueeze(0), kp[: n_groups + 1].unsqueeze(0), vp[: n_groups + 1].unsqueeze(0),
             causal=False, window=(-1, -1), scale=scale,
         )
-        pieces_out.append(o[0, ..., :dv].to(out_dtype))
-        pieces_lse.append(lse[0].transpose(0, 1))
-    return torch.cat(pieces_out), torch.cat(pieces_lse).float()
+        out[start:] = o[0, ..., :dv]
+        lse_out[start:] = lse[0].transpose(0, 1)
+    if start <= t0 and torch.is_grad_enabled():
+        # No row sees a block (T <= l - 1): keep the all-zero result attached to the inputs so
+        # backward gives them zero gradients, as the reference does.
+        out = out + sum(x.sum() for x in (q, k_cmp, v_cmp) if x.requires_grad) * 0
+    return out, lse_out
 
 
 def cmp_attention(q, k_cmp, v_cmp, cfg, cu_seqlens=None, *, provider: FA2Provider, pref_fp16=False):

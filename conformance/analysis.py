@@ -143,7 +143,8 @@ def plot(rows: list[dict], out: Path, min_ratio: float = 1.2) -> list[Path]:
                 for p, ratios in sorted(paths.items()):
                     if ratios:
                         Ts = sorted(ratios)
-                        ax.plot(Ts, [ratios[t] for t in Ts], marker="o", label=f"{p} d={dk} {dtype}")
+                        dims = f"{dk}" if dk == dv else f"{dk}/{dv}"
+                        ax.plot(Ts, [ratios[t] for t in Ts], marker="o", label=f"{p} d={dims} {dtype}")
                         drew = True
             ax.axhline(min_ratio, color="red", linestyle="--", label=f"{min_ratio}x gate")
             ax.set(xscale="log", xlabel="T (tokens)", ylabel="SDPA time / path time",

@@ -147,8 +147,10 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             return q, k, v, gates
         if prov is not None:
             import os
+
+            # backend="fa2" puts all three branches on FA-2 (sel via the gather path).
             os.environ["NSA_FA2_PROVIDER"] = prov.name
-            return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="auto")), make_nsa
+            return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="fa2")), make_nsa
         if path == "sdpa":
             return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="sdpa")), make_nsa
     raise LookupError(f"no {path} path for {branch}")

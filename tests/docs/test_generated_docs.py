@@ -1,0 +1,94 @@
+"""The generated blocks of the docs (rules, flags, known-good environments) match their data."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conformance import docs
+from contracts import RULES
+from nsa_ref.settings import NSASettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_docs_equal_the_regenerated_ones():
+    for doc in docs.DOCUMENTS:
+        committed, regenerated = docs.regenerate(doc)
+        assert committed == regenerated, (
+            f"{doc}: a generated block differs from its data (contracts.RULES, NSASettings or "
+            "artifacts/**/env.json); run `python -m conformance.docs` and commit the result"
+        )
+
+
+def test_check_command_agrees():
+    assert docs.main(["--check"]) == 0
+
+
+def test_rule_table_lists_every_rule_once_with_its_fix():
+    block = docs.rules_block()
+    rows = [line for line in block.splitlines() if line.startswith("| [`FA2-")]
+    assert len(rows) == len(RULES)
+    for rule, row in zip(RULES.values(), rows):
+        assert f"[`{rule.id}`](../Troubleshooting_FA2.md#{rule.id.lower()})" in row
+        assert rule.kind in row and rule.mode in row
+        assert rule.fix.replace("|", "\\|") in row
+
+
+def test_flag_table_lists_every_setting_with_its_default():
+    block = docs.flags_block()
+    for name, field in NSASettings.model_fields.items():
+        row = next((line for line in block.splitlines() if line.startswith(f"| `NSA_{name.upper()}`")), None)
+        assert row is not None, f"NSA_{name.upper()} missing from the flag table"
+        assert docs._default_text(field.default) in row
+
+
+def test_a_setting_without_a_note_is_refused(monkeypatch):
+    notes = dict(docs.FLAG_NOTES)
+    notes.pop("use_fa2")
+    monkeypatch.setattr(docs, "FLAG_NOTES", notes)
+    with pytest.raises(docs.DocsError, match="use_fa2"):
+        docs.flags_block()
+
+
+def test_replace_block_needs_exactly_one_marker_pair():
+    text = "a\n<!-- x:begin -->\nold\n<!-- x:end -->\nb\n"
+    assert docs.replace_block(text, "x", "new") == "a\n<!-- x:begin -->\nnew\n<!-- x:end -->\nb\n"
+    for bad in ("no markers", text + text, "<!-- x:end -->\n<!-- x:begin -->"):
+        with pytest.raises(docs.DocsError):
+            docs.replace_block(bad, "x", "new")
+
+
+def _fake_artifact(folder: Path, cuda: bool, junit: str | None) -> None:
+    folder.mkdir(parents=True)
+    env = {"gpu": "Fake GPU" if cuda else "none", "cuda_available": cuda, "compute_capability": "9.0",
+           "driver": "1.2", "cuda_runtime": "13.0", "torch": "9.9", "flash_attn": "2.8", "triton": "3",
+           "python": "3.12"}
+    (folder / "env.json").write_text(json.dumps(env))
+    if junit is not None:
+        (folder / "gpu_junit.xml").write_text(junit)
+
+
+def test_known_good_rows_come_from_env_json_and_the_results_next_to_it(tmp_path):
+    passing = ('<testsuites><testsuite><testcase classname="m" name="a"/><testcase classname="m" name="b"/>'
+               '<testcase classname="m" name="c"><skipped message="why"/></testcase></testsuite></testsuites>')
+    failing = '<testsuites><testsuite><testcase classname="m" name="a"><failure message="x"/></testcase></testsuite></testsuites>'
+    _fake_artifact(tmp_path / "artifacts" / "d1" / "good", True, passing)
+    _fake_artifact(tmp_path / "artifacts" / "d1" / "bad", True, failing)
+    _fake_artifact(tmp_path / "artifacts" / "d1" / "timings", True, None)
+    _fake_artifact(tmp_path / "artifacts" / "d1" / "cpu", False, passing)
+    block = docs.known_good_block(tmp_path)  # not a git checkout: every env.json on disk counts
+    rows = {re.search(r"`artifacts/d1/(\w+)`", line).group(1): line
+            for line in block.splitlines() if line.startswith("| [`artifacts/")}
+    assert set(rows) == {"good", "bad", "timings"}, "CPU-only environments are not GPU evidence"
+    assert "2 passed, 0 failed, 0 errors, 1 skipped" in rows["good"] and "**known good**" in rows["good"]
+    assert "0 passed, 1 failed" in rows["bad"] and "known good" not in rows["bad"]
+    assert "env.json only" in rows["timings"] and "known good" not in rows["timings"]
+
+
+def test_known_good_table_uses_committed_artifacts_only():
+    files = docs.committed_env_files(ROOT)
+    assert files, "the repository has committed GPU env.json files under artifacts/"
+    assert all(p.name == "env.json" and "artifacts" in p.parts for p in files)

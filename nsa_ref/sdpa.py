@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nsa_ref import masks, varlen
 
@@ -149,6 +150,28 @@ def sel_attention(
     # A key token is gathered by many queries, so its gradient is a long sum; for 16-bit inputs
     # gather from an fp32 copy so that sum (index backward) accumulates in fp32, as a matmul would.
     acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    def run_chunk(a: int, s: int, e: int, nb: int, seqlen: int, q_chunk, k_seq, v_seq):
+        # every loop value is an argument: checkpoint re-runs this after the loop has moved on
+        L = e - s
+        idx = block_idx[a + s : a + e].long()  # (L, Hkv, n)
+        listed = (idx >= 0) & (idx < nb) & _first_occurrence(idx)
+        tok = idx[..., None] * lp + offsets  # (L, Hkv, n, l')
+        t = torch.arange(s, e, device=q.device)[:, None, None, None]
+        visible = (listed[..., None] & masks.causal_visible(t, tok)).reshape(L, Hkv, n * lp)
+        # Hidden slots still gather some row; spread them over the sequence, since pointing
+        # them all at token 0 makes the backward scatter-add serialise on that one row
+        # (measured on H100 before this change: 486 ms for sel fwd+bwd at T=256, Hq 64, Hkv 4).
+        spread = torch.arange(L * Hkv * n * lp, device=q.device).reshape(L, Hkv, n * lp) % seqlen
+        tok = torch.where(visible, tok.reshape(L, Hkv, n * lp), spread)
+        kg = k_seq[tok, heads].to(q.dtype).reshape(L * Hkv, 1, n * lp, Dk)
+        vg = v_seq[tok, heads].to(q.dtype).reshape(L * Hkv, 1, n * lp, Dv)
+        qg = q_chunk.reshape(L * Hkv, G, 1, Dk)
+        out, _ = _grouped_sdpa(qg, kg, vg, visible.reshape(L * Hkv, 1, 1, n * lp), scale, False)
+        return out.reshape(L, Hq, Dv)
+
+    # With autograd on, each chunk is recomputed in backward rather than keeping its gathered
+    # K/V alive (measured on H100: fwd+bwd ran out of 80 GB at T=16K without this).
+    checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     outs = []
     for a, b in varlen.seq_bounds(cu_seqlens, T):
         k_seq, v_seq = k[a:b].to(acc_dtype), v[a:b].to(acc_dtype)
@@ -156,22 +179,11 @@ def sel_attention(
         step = _chunk_len(n * lp, Hq)
         for s in range(0, b - a, step):
             e = min(b - a, s + step)
-            L = e - s
-            idx = block_idx[a + s : a + e].long()  # (L, Hkv, n)
-            listed = (idx >= 0) & (idx < nb) & _first_occurrence(idx)
-            tok = idx[..., None] * lp + offsets  # (L, Hkv, n, l')
-            t = torch.arange(s, e, device=q.device)[:, None, None, None]
-            visible = (listed[..., None] & masks.causal_visible(t, tok)).reshape(L, Hkv, n * lp)
-            # Hidden slots still gather some row; spread them over the sequence, since pointing
-            # them all at token 0 makes the backward scatter-add serialise on that one row
-            # (measured on H100 before this change: 486 ms for sel fwd+bwd at T=256, Hq 64, Hkv 4).
-            spread = torch.arange(L * Hkv * n * lp, device=q.device).reshape(L, Hkv, n * lp) % (b - a)
-            tok = torch.where(visible, tok.reshape(L, Hkv, n * lp), spread)
-            kg = k_seq[tok, heads].to(q.dtype).reshape(L * Hkv, 1, n * lp, Dk)
-            vg = v_seq[tok, heads].to(q.dtype).reshape(L * Hkv, 1, n * lp, Dv)
-            qg = q[a + s : a + e].reshape(L * Hkv, G, 1, Dk)
-            out, _ = _grouped_sdpa(qg, kg, vg, visible.reshape(L * Hkv, 1, 1, n * lp), scale, False)
-            outs.append(out.reshape(L, Hq, Dv))
+            args = (a, s, e, nb, b - a, q[a + s : a + e], k_seq, v_seq)
+            if checkpointed:
+                outs.append(torch.utils.checkpoint.checkpoint(run_chunk, *args, use_reentrant=False))
+            else:
+                outs.append(run_chunk(*args))
     return _cat_rows(outs, q, (Hq, Dv))
 
 

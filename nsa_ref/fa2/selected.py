@@ -6,12 +6,15 @@ rows (a view, no copy), and K/V the tokens of the selected blocks with s <= t, p
 (t, KV head) order. Listed blocks are visited in ascending order, so the partial current block
 is naturally last. Queries are processed in chunks so the gathered K/V stay bounded.
 
-This path copies up to n * l' keys per (query, KV head) through memory: it is an inference
-option (NSA_USE_FA2_SEL=1), measured against the gathered SDPA path in artifacts/.
+This path copies up to n * l' keys per (query, KV head) through memory (the reason a fused
+kernel would be faster); measured against the gathered SDPA path in artifacts/2026-11-25/fa2_harden
+it is ~1.5x faster in forward from T = 1K on an H100, so it is the default (NSA_USE_FA2_SEL=0 turns
+it off). With autograd on, chunks are recomputed in backward to keep memory bounded.
 """
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from nsa_ref.fa2.branches import _prepare, _scale
 from nsa_ref.fa2.providers import FA2Provider
@@ -50,12 +53,13 @@ def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Prov
     scale = _scale(cfg, dk)
     pos, start = _token_layout(cu_seqlens, T, q.device)
     k_rows, v_rows = kp.reshape(T * Hkv, D), vp.reshape(T * Hkv, D)
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and kp.dtype != torch.float32:
+        # A key row is gathered by many queries: gather from fp32 so its gradient sums in fp32.
+        k_rows, v_rows = k_rows.float(), v_rows.float()
     offsets = torch.arange(lp, device=q.device)
     heads = torch.arange(Hkv, device=q.device)[None, :, None, None]
     chunk = max(1, GATHER_BUDGET // (Hkv * n * lp))
-    outs = []
-    for a in range(0, T, chunk):
-        b = min(T, a + chunk)
+    def run_chunk(a: int, b: int, q_chunk, k_all, v_all):
         C = b - a
         idx, _ = block_idx[a:b].long().sort(dim=-1)
         fresh = torch.ones_like(idx, dtype=torch.bool)
@@ -67,8 +71,20 @@ def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Prov
         cu_k = torch.zeros(C * Hkv + 1, dtype=torch.int32, device=q.device)
         cu_k[1:] = counts.cumsum(0)
         cu_q = torch.arange(0, (C * Hkv + 1) * G, G, dtype=torch.int32, device=q.device)
-        q_rows = qp[a:b].reshape(C * Hkv * G, 1, D)
-        o, _ = provider.varlen(q_rows, k_rows[rows].unsqueeze(1), v_rows[rows].unsqueeze(1), cu_q, cu_k,
-                               G, n * lp, causal=False, window=(-1, -1), scale=scale)
-        outs.append(o.reshape(C, Hq, D))
+        o, _ = provider.varlen(q_chunk.reshape(C * Hkv * G, 1, D), k_all[rows].to(q_chunk.dtype).unsqueeze(1),
+                               v_all[rows].to(q_chunk.dtype).unsqueeze(1), cu_q, cu_k, G, n * lp,
+                               causal=False, window=(-1, -1), scale=scale)
+        return o.reshape(C, Hq, D)
+
+    # With autograd on, each chunk is recomputed in backward instead of keeping its gathered K/V
+    # (at 64K tokens those would be ~137 GB for Hkv 4, n 16, l' 64, D 128 in bf16).
+    checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    outs = []
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        if checkpointed:
+            outs.append(torch.utils.checkpoint.checkpoint(run_chunk, a, b, qp[a:b], k_rows, v_rows,
+                                                          use_reentrant=False))
+        else:
+            outs.append(run_chunk(a, b, qp[a:b], k_rows, v_rows))
     return torch.cat(outs)[..., :dv].to(q.dtype)

@@ -85,12 +85,12 @@ def test_contract_violation_routes_to_sdpa_naming_the_rule(gpu_like):
     assert off.path == "fa2"
 
 
-def test_sel_fa2_gather_is_opt_in(gpu_like):
+def test_sel_fa2_gather_is_default_and_can_be_switched_off(gpu_like):
     q, k, v = _qkv()
-    off = router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings())
-    assert off.path == "sdpa" and "NSA_USE_FA2_SEL=0" in off.reason
-    on = router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings(use_fa2_sel=True))
+    on = router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings())
     assert on.path == "fa2"
+    off = router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=NSASettings(use_fa2_sel=False))
+    assert off.path == "sdpa" and "NSA_USE_FA2_SEL=0" in off.reason
 
 
 def test_settings_read_from_environment(monkeypatch):
@@ -119,6 +119,6 @@ def test_telemetry_fractions():
 
 def test_explicit_fa2_ignores_the_auto_switches(gpu_like):
     q, k, v = _qkv()
-    s = NSASettings(use_fa2=False, use_fa2_sel=False)
+    s = NSASettings(use_fa2=False, use_fa2_sel=False)  # auto is off, explicit still runs
     assert router.choose("sel", "fa2", q=q, k=k, v=v, cfg=CFG, settings=s).path == "fa2"
     assert router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=s).path == "sdpa"

@@ -37,8 +37,9 @@ FLAG_NOTES: dict[str, str] = {
     "use_fa2": "Master switch for every FA-2 fast path; `0` sends every branch to SDPA (the one-flag rollback).",
     "use_fa2_win": "FA-2 for the sliding-window branch: one causal call with window (w - 1, 0).",
     "use_fa2_cmp": "FA-2 for the compressed branch: one dense causal call over the stride-0 fold.",
-    "use_fa2_sel": "FA-2 varlen gather for the selected branch. Opt-in, for inference: its gradients are "
-                   "not part of the GPU parity run.",
+    "use_fa2_sel": "FA-2 varlen gather for the selected branch, at every T (no minimum length). With "
+                   "autograd, chunks are recomputed in backward; the committed GPU parity run checks its "
+                   "output, not its gradients (guide, section 9).",
     "fa2_min_len_win": "Shortest T (tokens) that `backend=\"auto\"` sends to FA-2 for win; unset = "
                        "`nsa_ref/fa2_thresholds.yaml`. An explicit `backend=\"fa2\"` ignores it.",
     "fa2_min_len_cmp": "The same for cmp.",

@@ -165,7 +165,8 @@ def fwd_flops(branch, T, hq, dk, dv, cfg) -> float:
     if branch == "full_causal":
         return per_pair * T * (T + 1) / 2
     if branch == "sel":
-        return per_pair * T * cfg.n_sel * cfg.sel_block / 2 if T > cfg.n_sel * cfg.sel_block else per_pair * T * T / 2
+        # each query sees at most n * l' selected keys (all earlier ones while t < n * l')
+        return per_pair * sum(min(t + 1, cfg.n_sel * cfg.sel_block) for t in range(T))
     return float("nan")
 
 

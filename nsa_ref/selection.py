@@ -28,8 +28,12 @@ from nsa_ref.reference import masked_softmax
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
 
-#: Upper bound on the score entries (query chunk * Hq * Tc) held at once by selection.
+#: Upper bound on the score entries (query chunk * Hq * Tc) held at once by selection, on the CPU.
 CHUNK_ELEMENTS = 1 << 24
+#: The same bound on a GPU (fp32 entries: ~1 GiB per temporary). Small chunks there are launch-bound:
+#: with 1 << 24 a 64K-token selection runs 1024 chunks, and a 64K NSA forward on an H100 spent
+#: ~1.3 s outside its three attention branches (artifacts/2026-11-25/fa2_harden/bench.csv).
+CUDA_CHUNK_ELEMENTS = 1 << 28
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,8 +41,9 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _query_chunks(length: int, per_query: int) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMENTS // max(1, per_query))
+def _query_chunks(length: int, per_query: int, device: torch.device | None = None) -> list[tuple[int, int]]:
+    budget = CUDA_CHUNK_ELEMENTS if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
+    step = max(1, budget // max(1, per_query))
     return [(s, min(length, s + step)) for s in range(0, length, step)]
 
 
@@ -126,7 +131,7 @@ def select_blocks(
         kc = k_cmp[ca : ca + tc]
         ca += tc
         nb = masks.num_sel_blocks(b - a, cfg)
-        for s, e in _query_chunks(b - a, Hq * max(tc, 1)):
+        for s, e in _query_chunks(b - a, Hq * max(tc, 1), q.device):
             pos = torch.arange(s, e, device=q.device)
             p_cmp = cmp_block_probs(q[a + s : a + e], kc, pos, cfg)
             out[a + s : a + e] = top_blocks(block_scores(p_cmp, Hkv, nb, cfg), pos, cfg)

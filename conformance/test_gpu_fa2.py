@@ -183,6 +183,9 @@ def test_full_nsa_through_router(provider, T, dtype, monkeypatch):
     from nsa_ref import nsa_attention, telemetry
 
     monkeypatch.setenv("NSA_FA2_PROVIDER", provider.name)
+    # The tuned thresholds would keep these short sequences on SDPA; this test is about parity.
+    monkeypatch.setenv("NSA_FA2_MIN_LEN_WIN", "0")
+    monkeypatch.setenv("NSA_FA2_MIN_LEN_CMP", "0")
     dt = DTYPES[dtype]
     cfg = _cfg()
     q, k, v = _inputs(T, 4, 128, 128, dt)
@@ -191,7 +194,7 @@ def test_full_nsa_through_router(provider, T, dtype, monkeypatch):
     telemetry.reset()
     out = nsa_attention(q, k, v, gates, cfg, backend="auto")
     paths = {(b, p) for (b, p, _), n in telemetry.snapshot()["counts"].items()}
-    assert ("win", "fa2") in paths and ("cmp", "fa2") in paths, f"FA-2 not taken: {paths}"
+    assert {("win", "fa2"), ("cmp", "fa2"), ("sel", "fa2")} <= paths, f"FA-2 not taken: {paths}"
     ref, base = _three(lambda a, b, c, g: nsa_attention(a, b, c, g, cfg, backend="reference"), (q, k, v, gates), dt)
     _check("out", dt, out, ref, base, f"nsa {provider.name} T={T}")
 

@@ -79,10 +79,13 @@ def _contract_refusal(branch, q, k, v, cfg, cu_seqlens, provider, s: NSASettings
     from nsa_ref.fa2.branches import planned_calls
 
     caps = contracts.DeviceCaps.from_device(q.device) if q.is_cuda else None
+    # The stand-ins are meta tensors without autograd: say whether a backward will follow, so
+    # the backward-only rules (int32 offsets, garbage-gradient archs) are checked too.
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     for call in planned_calls(branch, q, k, v, cfg, cu_seqlens, s.fa2_pref_fp16):
         kind = call.pop("kind")
         check = contracts.dense_reasons if kind == "dense" else contracts.varlen_reasons
-        reasons = check(**call, caps=caps, provider=provider.contract_provider)
+        reasons = check(**call, requires_grad=training, caps=caps, provider=provider.contract_provider)
         if reasons:
             return "contract: " + "; ".join(r.rule for r in reasons)
     return None

@@ -122,3 +122,14 @@ def test_explicit_fa2_ignores_the_auto_switches(gpu_like):
     s = NSASettings(use_fa2=False, use_fa2_sel=False)  # auto is off, explicit still runs
     assert router.choose("sel", "fa2", q=q, k=k, v=v, cfg=CFG, settings=s).path == "fa2"
     assert router.choose("sel", "auto", q=q, k=k, v=v, cfg=CFG, settings=s).path == "sdpa"
+
+
+def test_backward_only_rules_are_checked_when_training(gpu_like):
+    # 262144 tokens x Hq 64 x d 128: the backward's int32 offsets overflow (FA2-INT32-OFFSET).
+    q = torch.empty(262144, 64, 128, dtype=torch.bfloat16, device="meta")
+    k = v = torch.empty(262144, 4, 128, dtype=torch.bfloat16, device="meta")
+    s = NSASettings(fa2_min_len_win=0)
+    assert router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=s).path == "fa2"
+    q.requires_grad_()
+    route = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=s)
+    assert route.path == "sdpa" and "FA2-INT32-OFFSET" in route.reason

@@ -54,9 +54,14 @@ CUDA_ERROR_PATTERNS = (
 # --- tensors ---------------------------------------------------------------------------------------
 
 
+# Off the GPU only the contract reads the tensors, so they stay uninitialised (fast); tests of the
+# judges set this to get values on the CPU too.
+FILL_ON_CPU = False
+
+
 def rand(*shape: int, dtype=torch.float16, device="cpu", requires_grad: bool = False) -> torch.Tensor:
-    """Random values on CUDA; uninitialised memory elsewhere (there only the contract reads them)."""
-    if str(device).startswith("cuda"):
+    """Random values on CUDA (or anywhere with FILL_ON_CPU); uninitialised memory elsewhere."""
+    if str(device).startswith("cuda") or (FILL_ON_CPU and str(device) != "meta"):
         t = torch.randn(*shape, dtype=dtype, device=device)
     else:
         t = torch.empty(*shape, dtype=dtype, device=device)
@@ -303,9 +308,18 @@ def compare(x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype, quant
         return "ok", str(verdict)
     x64, r64 = x.detach().double(), ref.detach().double().to(x.device)
     bad = ~torch.isfinite(x64) | ((x64 - r64).abs() > verdict.allowed)
+    return "silent_corruption", f"{verdict}; bad rows of {what}: {bad_rows(bad)}"
+
+
+def bad_rows(bad: torch.Tensor) -> str:
+    """Token rows with any bad entry: packed (T, H, D) -> '3-7'; dense (B, S, H, D) -> 'batch 0: 0-7'."""
+    if bad.dim() == 4:
+        rows = bad.flatten(2).any(dim=2)
+        parts = [f"batch {b}: {index_ranges(torch.nonzero(rows[b]).flatten().tolist())}"
+                 for b in range(rows.shape[0]) if rows[b].any()]
+        return "; ".join(parts[:8]) + (f" (+{len(parts) - 8} batches)" if len(parts) > 8 else "")
     rows = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.dim() > 1 else bad
-    where = index_ranges(torch.nonzero(rows).flatten().tolist())
-    return "silent_corruption", f"{verdict}; bad rows (dim 0) of {what}: {where}"
+    return index_ranges(torch.nonzero(rows).flatten().tolist())
 
 
 def matches(x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, dtype) -> bool:
@@ -422,7 +436,9 @@ def classify_exception(exc: BaseException) -> tuple[str, str]:
 
 
 def poison_allocator(shapes, device="cuda") -> None:
-    """Fill freed caching-allocator blocks of these (shape, dtype) sizes with NaN."""
+    """Fill freed caching-allocator blocks of these (shape, dtype) sizes with NaN (CUDA only)."""
+    if not torch.cuda.is_available():
+        return
     blocks = []
     for shape, dtype in shapes:
         try:
@@ -432,17 +448,19 @@ def poison_allocator(shapes, device="cuda") -> None:
     del blocks
 
 
-def execute(setup: Setup) -> tuple[str, str]:
+def execute(setup: Setup, kernel: Callable | None = None) -> tuple[str, str]:
     """Call the kernel (CUDA present), synchronise, judge. One call per process: after a CUDA error
-    the context may be unusable, so the caller reports and exits."""
+    the context may be unusable, so the caller reports and exits. ``kernel`` replaces the real one
+    (tests of the judges on the CPU)."""
     try:
-        fn = setup.call.kernel()
+        fn = kernel or setup.call.kernel()
     except ImportError as exc:
         return "skipped", f"{setup.call.provider} not importable: {exc}"
     poison_allocator(setup.poison)
     try:
         result = setup.run(fn) if setup.run else fn(*setup.call.args, **setup.call.kwargs)
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     except ProbeSetupError as exc:
         return "probe_error", str(exc)
     except Exception as exc:  # noqa: BLE001 - every kernel failure is data here

@@ -10,8 +10,6 @@ from pathlib import Path
 if not __package__:  # run as a file: import from the repository root, not this folder
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-import torch  # noqa: E402
-
 from conformance.probes import _common as C  # noqa: E402
 
 NAME = "grid_limit"

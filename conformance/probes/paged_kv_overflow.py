@@ -47,7 +47,7 @@ def build(provider, variant, device):
     q = C.rand(2, NEW, HQ, D, device=device)
     k_new, v_new = C.rand(2, NEW, HK, D, device=device), C.rand(2, NEW, HK, D, device=device)
     k_cache, v_cache = C.rand(NUM_BLOCKS, PAGE, HK, D, device=device), C.rand(NUM_BLOCKS, PAGE, HK, D, device=device)
-    before = (k_cache.clone(), v_cache.clone()) if device == "cuda" else (k_cache, v_cache)
+    before = (k_cache.clone(), v_cache.clone())  # the kernel appends in place
     call = C.kvcache_call(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=C.int32(lengths, device),
                           block_table=C.int32([r[0] for r in TABLE], device).reshape(2, 1), causal=True)
 

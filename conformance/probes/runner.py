@@ -48,6 +48,7 @@ class ProbeInfo:
     providers: tuple[str, ...]
     variants: tuple[str, ...]
     exploratory: dict = field(default_factory=dict)
+    not_applicable: object = None  # the probe's not_applicable(provider, variant), if any
 
 
 def discover(only: list[str] | None = None) -> list[ProbeInfo]:
@@ -63,7 +64,8 @@ def discover(only: list[str] | None = None) -> list[ProbeInfo]:
         mod = importlib.import_module(f"conformance.probes.{name}")
         infos.append(ProbeInfo(name=mod.NAME, path=str(PROBES_DIR / f"{name}.py"), title=mod.TITLE,
                                rules=tuple(mod.RULES), providers=tuple(mod.PROVIDERS),
-                               variants=tuple(mod.VARIANTS), exploratory=dict(getattr(mod, "EXPLORATORY", {}))))
+                               variants=tuple(mod.VARIANTS), exploratory=dict(getattr(mod, "EXPLORATORY", {})),
+                               not_applicable=getattr(mod, "not_applicable", None)))
     return infos
 
 
@@ -163,8 +165,13 @@ def probe_command(info: ProbeInfo, provider: str, variant: str) -> list[str]:
 
 
 def run_probe(info: ProbeInfo, provider: str, variant: str, timeout: float) -> dict:
-    run = run_command(probe_command(info, provider, variant), timeout)
-    outcome, detail, payload = classify(run, timeout)
+    reason = info.not_applicable(provider, variant) if info.not_applicable else None
+    if reason:  # no API to call for this provider: nothing to isolate, no subprocess
+        run = RunRecord(command=[], returncode=0, timed_out=False, wall_s=0.0, stdout="", stderr="")
+        outcome, detail, payload = "not_applicable", reason, {}
+    else:
+        run = run_command(probe_command(info, provider, variant), timeout)
+        outcome, detail, payload = classify(run, timeout)
     rejected = payload.get("contract_strict", [])
     exploratory = provider in info.exploratory
     return {

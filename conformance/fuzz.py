@@ -385,10 +385,12 @@ def classify(rejected: bool, outcome: str | None) -> str:
 
 
 def _fake_kernel(c: FuzzCase, t: dict):
-    """CPU stand-in for tests of the plumbing: FA-2's process-killing and refusing cases, else the
-    intended result."""
+    """CPU stand-in for tests of the plumbing: FA-2's process-killing and refusing cases, a hang on
+    request (mutation "hang"), else the intended result."""
     if c.hk == 0:
         os.kill(os.getpid(), signal.SIGFPE)
+    if "hang" in c.mutations:
+        time.sleep(3600)
     if c.dtype == "fp32":
         raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
     if c.hq % c.hk or c.dv != c.d:
@@ -463,7 +465,7 @@ class Worker:
         lines.put(None)
 
     def start(self) -> None:
-        if getattr(self, "stderr", None) is not None:
+        if self.stderr is not None:
             self.stderr.close()
         self.stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ)
@@ -475,8 +477,9 @@ class Worker:
         threading.Thread(target=self._reader, args=(self.proc, self.lines), daemon=True).start()
         self.starts += 1
         first = self._get(self.start_timeout_s)
-        if first is None:
-            raise RuntimeError(f"fuzz worker did not start: {self._stderr_tail()}")
+        if first is None or first == "TIMEOUT":
+            self._kill()
+            raise RuntimeError(f"fuzz worker did not start ({first or 'exited'}): {self._stderr_tail()}")
         self.caps = json.loads(first).get("caps")
 
     def _get(self, timeout):
@@ -518,19 +521,27 @@ class Worker:
             return {"id": case.id, "outcome": "timeout", "detail": f"no answer within {self.timeout_s:g} s"}
         if line is not None:
             reply = json.loads(line)
-            if reply.get("outcome") == "cuda_error":
-                self.proc.wait(timeout=60)
-                self.proc = None
+            if reply.get("outcome") == "cuda_error":  # the worker exits by itself; make sure
+                self._finish()
             return reply
-        rc = self.proc.wait(timeout=60)
+        rc = self._finish()
         tail = self._stderr_tail()
-        self.proc = None
         if rc < 0:
             return {"id": case.id, "outcome": "killed_by_signal", "detail": f"{_signal_name(rc)} (signal {-rc})"}
         low = tail.lower()
         if any(p in low for p in C.CUDA_ERROR_PATTERNS):
             return {"id": case.id, "outcome": "cuda_error", "detail": f"worker exited {rc}: {tail}"}
         return {"id": case.id, "outcome": "probe_error", "detail": f"worker exited {rc}: {tail}"}
+
+    def _finish(self) -> int:
+        """Wait for a worker that is exiting (kill it if it hangs); its return code."""
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            rc = -signal.SIGKILL
+        self.proc = None
+        return rc
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -560,6 +571,7 @@ class Engine:
         self.worker = Worker(backend, profile.case_timeout_s)
         self.caps = caps
         self.records: list[dict] = []
+        self.logged: dict = {}
         self.started = time.monotonic()
         self.next_id = 0
 
@@ -592,7 +604,9 @@ class Engine:
                "detail": skip if reply is None else reply.get("detail", ""), "class": cls,
                "known_gap": known_gap(case) if cls == "false_accept" else None}
         self.records.append(rec)
-        if cls in ("false_accept", "false_reject"):
+        key = "false_accept" if cls == "false_accept" else (cls, tuple(rules))
+        self.logged[key] = self.logged.get(key, 0) + 1
+        if cls == "false_accept" or (cls == "false_reject" and self.logged[key] <= 3):
             self.log(f"[fuzz] {cls}{' (known gap)' if rec['known_gap'] else ''}: {case.label()} -> "
                      f"{outcome}: {str(rec['detail'])[:160]} | rules {rules or 'none'}")
         if len(self.records) % 250 == 0:

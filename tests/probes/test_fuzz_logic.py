@@ -208,15 +208,15 @@ def test_profiles(monkeypatch):
 # --- the worker plumbing, end to end on CPU -------------------------------------------------------
 
 
-def test_worker_restarts_after_a_killed_case_and_classifies_each():
-    profile = dataclasses.replace(fuzz.PROFILES["ci"], run_crash_cases=True, case_timeout_s=60)
-    cases = [_dense(), _dense(dtype="fp32"), _dense(hk=0), _varlen(max_k=3), _varlen()]
+def test_worker_restarts_after_a_killed_or_hung_case_and_classifies_each():
+    profile = dataclasses.replace(fuzz.PROFILES["ci"], run_crash_cases=True, case_timeout_s=3)
+    cases = [_dense(), _dense(dtype="fp32"), _dense(hk=0), _varlen(max_k=3), _dense(mutations=["hang"]), _varlen()]
     summary, records = fuzz.run_fuzz(profile, ["flash_attn"], backend="fake", cases=cases, log=lambda *_: None)
     got = [(r["outcome"], r["class"]) for r in records]
     assert got == [("ok", "true_accept"), ("clean_error", "true_reject"), ("killed_by_signal", "true_reject"),
-                   ("ok", "false_reject"), ("ok", "true_accept")], got
-    assert "SIGFPE" in records[2]["detail"]
-    assert summary["worker_starts"] == 2
+                   ("ok", "false_reject"), ("timeout", "false_accept"), ("ok", "true_accept")], got
+    assert "SIGFPE" in records[2]["detail"] and "no answer within 3 s" in records[4]["detail"]
+    assert summary["worker_starts"] == 3
     assert summary["false_rejects_by_rule"]["FA2-MAX-SEQLEN-K-LOW"]["count"] == 1
 
 

@@ -150,6 +150,10 @@ def test_reference_matches_explicit_softmax_with_gqa_and_empty_sequences():
 def test_known_gap_left_window_without_right():
     assert fuzz.known_gap(_dense(sq=10, sk=4, window=(3, -1))) == fuzz.KNOWN_GAP_LEFT_WINDOW
     assert fuzz.known_gap(_dense(sq=4, sk=4, window=(3, -1))) is None
+    # FA-2 gives the right side seqlen_k: row 0 sees j <= 2 * sk - sq, so a key is lost as soon as
+    # sq > sk + 1 (here 6 > 5), not only when sq > 2 * sk as the catalog note says (emulated, not yet on a GPU).
+    assert fuzz.known_gap(_dense(sq=6, sk=4, window=(0, -1))) == fuzz.KNOWN_GAP_LEFT_WINDOW
+    assert fuzz.known_gap(_dense(sq=5, sk=4, window=(0, -1))) is None
     assert fuzz.known_gap(_dense(sq=10, sk=4, window=(3, -1), causal=True)) is None
     assert fuzz.known_gap(_dense(sq=10, sk=4, window=(3, 0))) is None
 

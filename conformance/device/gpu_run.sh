@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
 # GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
-#   usage: bash conformance/device/gpu_run.sh [pytest|bench|all] [extra bench args...]
+#   usage: bash conformance/device/gpu_run.sh [pytest|bench|all|probes|fuzz] [extra bench args...]
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/nsa_out}; mkdir -p "$OUT"
@@ -18,4 +18,10 @@ if [ "$what" = pytest ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout "${BENCH_TIMEOUT:-540}" python3 -m conformance.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^W1"
+fi
+if [ "$what" = probes ]; then
+  timeout "${PROBES_TIMEOUT:-240}" python3 -m conformance.probes.runner --out "$OUT/fa2_harden" --jobs 4 --timeout 200 2>&1 | tee "$OUT/probes.log" | tail -45
+fi
+if [ "$what" = fuzz ]; then
+  timeout "${FUZZ_TIMEOUT:-330}" python3 -m conformance.fuzz --profile device --out "$OUT/fuzz" 2>&1 | tee "$OUT/fuzz.log" | tail -30
 fi

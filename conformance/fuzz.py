@@ -20,8 +20,6 @@ crashed, hung or returned wrong/non-finite numbers = FALSE ACCEPT (must be 0); r
 kernel failed = true reject; rejected but the kernel ran and matched = false reject (listed with
 the rule ids, for the integrator to justify or fix). Cases rejected by a crash-kind rule are not
 run (the probes show those crashes one at a time); ``run_crash_cases`` turns that on.
-False accepts that match a gap the catalog documents ("not covered": a left window with
-window_right = -1) are listed apart as known gaps.
 
 Profiles: ``ci`` (small, derandomized) and ``device`` (>= 2000 examples over both providers,
 bounded to about 5 minutes on an H100; tensors stay small).
@@ -58,10 +56,6 @@ DENSE_MUTATIONS = ("fp32", "k_dtype", "head_dim_big", "head_dim_v", "heads_not_d
 VARLEN_MUTATIONS = ("fp32", "k_dtype", "head_dim_big", "head_dim_v", "heads_not_divisible", "heads_kv_zero",
                     "window_clamped", "cu_start", "cu_decreasing", "cu_overrun", "max_q_low", "max_k_low",
                     "max_q_one_causal", "gqa_decode")
-KNOWN_GAP_LEFT_WINDOW = (
-    "catalog 'not covered': a left window with window_right = -1 gets right = seqlen_k, so some rows "
-    "lose keys (no rule checks this yet)"
-)
 
 
 @dataclass
@@ -354,21 +348,6 @@ def verdict(c: FuzzCase, caps: str | None) -> list:
     return C.contract_reasons(C.Setup(call, caps=caps), strict=True)
 
 
-def known_gap(c: FuzzCase) -> str | None:
-    """A documented, unchecked difference between FA-2 and the arguments that explains a mismatch."""
-    wl, wr = c.window
-    if c.causal or wl < 0 or wr >= 0:
-        return None
-    if c.layout == "dense":
-        pairs, max_q, max_k = [(c.sq, c.sk)] * c.b, c.sq, c.sk
-    else:
-        pairs, max_q, max_k = list(zip(c.lens_q, c.lens_k)), c.max_q, c.max_k
-    for sq, sk in pairs:
-        if not torch.equal(C.intended_mask(sq, sk, False, (wl, wr)), C.fa2_mask(sq, sk, False, (wl, wr), max_q, max_k)):
-            return KNOWN_GAP_LEFT_WINDOW
-    return None
-
-
 def classify(rejected: bool, outcome: str | None) -> str:
     """Contract verdict x kernel outcome -> true/false accept/reject, not run, or unverified."""
     if outcome is None:
@@ -601,13 +580,12 @@ class Engine:
         cls = classify(bool(rules), outcome)
         rec = {"id": case.id, "provider": case.provider, "layout": case.layout, "case": dataclasses.asdict(case),
                "label": case.label(), "rules": rules, "rule_kinds": sorted(kinds), "outcome": outcome,
-               "detail": skip if reply is None else reply.get("detail", ""), "class": cls,
-               "known_gap": known_gap(case) if cls == "false_accept" else None}
+               "detail": skip if reply is None else reply.get("detail", ""), "class": cls}
         self.records.append(rec)
         key = "false_accept" if cls == "false_accept" else (cls, tuple(rules))
         self.logged[key] = self.logged.get(key, 0) + 1
         if cls == "false_accept" or (cls == "false_reject" and self.logged[key] <= 3):
-            self.log(f"[fuzz] {cls}{' (known gap)' if rec['known_gap'] else ''}: {case.label()} -> "
+            self.log(f"[fuzz] {cls}: {case.label()} -> "
                      f"{outcome}: {str(rec['detail'])[:160]} | rules {rules or 'none'}")
         if len(self.records) % 250 == 0:
             self.log(f"[fuzz] {len(self.records)} cases, {time.monotonic() - self.started:.0f} s, "
@@ -628,8 +606,6 @@ def summarize(records: list[dict], profile: Profile, caps, elapsed: float, worke
         for cls in ("true_accept", "false_accept", "true_reject", "false_reject", "rejected_not_run",
                     "accepted_not_run", "unverified"):
             out[cls] = sum(r["class"] == cls for r in rs)
-        out["false_accept_known_gap"] = sum(r["class"] == "false_accept" and bool(r["known_gap"]) for r in rs)
-        out["false_accept_unexplained"] = out["false_accept"] - out["false_accept_known_gap"]
         return out
 
     providers = sorted({r["provider"] for r in records})
@@ -642,7 +618,7 @@ def summarize(records: list[dict], profile: Profile, caps, elapsed: float, worke
         "profile": dataclasses.asdict(profile), "caps": caps, "elapsed_s": round(elapsed, 1),
         "worker_starts": worker_starts, "total": counts(records),
         "by_provider": {p: counts([r for r in records if r["provider"] == p]) for p in providers},
-        "false_accepts": [{"label": r["label"], "outcome": r["outcome"], "detail": r["detail"], "known_gap": r["known_gap"]}
+        "false_accepts": [{"label": r["label"], "outcome": r["outcome"], "detail": r["detail"]}
                           for r in records if r["class"] == "false_accept"],
         "false_rejects_by_rule": {rule: {"count": len(v), "examples": v[:5]} for rule, v in sorted(false_rejects.items())},
         "unverified": [{"label": r["label"], "detail": r["detail"]} for r in records if r["class"] == "unverified"][:20],
@@ -692,20 +668,19 @@ def markdown(summary: dict, env: dict | None = None) -> str:
         f"caps {summary['caps']}, {summary['elapsed_s']} s, worker started {summary['worker_starts']} time(s).",
         f"Environment: GPU {env.get('gpu', 'n/a')}, torch {env.get('torch', 'n/a')}, flash_attn {env.get('flash_attn', 'n/a')}.",
         "",
-        "| provider | cases | accepted | rejected | ran | true accept | FALSE ACCEPT (unexplained / known gap) | "
+        "| provider | cases | accepted | rejected | ran | true accept | FALSE ACCEPT | "
         "true reject | false reject | rejected, not run | unverified |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in [*summary["by_provider"].items(), ("all", t)]:
         lines.append(f"| {name} | {c['cases']} | {c['accepted']} | {c['rejected']} | {c['ran']} | {c['true_accept']} | "
-                     f"{c['false_accept_unexplained']} / {c['false_accept_known_gap']} | {c['true_reject']} | "
+                     f"{c['false_accept']} | {c['true_reject']} | "
                      f"{c['false_reject']} | {c['rejected_not_run']} | {c['unverified']} |")
     lines += ["", "## False accepts (the contract accepted, the kernel failed)", ""]
     if not summary["false_accepts"]:
         lines.append("None.")
     for fa in summary["false_accepts"][:50]:
-        gap = f" — known gap: {fa['known_gap']}" if fa["known_gap"] else ""
-        lines.append(f"- `{fa['label']}` -> {fa['outcome']}: {str(fa['detail'])[:300]}{gap}")
+        lines.append(f"- `{fa['label']}` -> {fa['outcome']}: {str(fa['detail'])[:300]}")
     lines += ["", "## False rejects by rule (the contract rejected, the kernel ran and matched)", "",
               "Each needs a justification (e.g. a semantics rule that only matters for lse or windows) or a fix.", ""]
     if not summary["false_rejects_by_rule"]:

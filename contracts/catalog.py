@@ -348,6 +348,24 @@ RULES: dict[str, Rule] = _rules(
         symptom="the right window becomes -1 (or seqlen_k when a left window remains): some rows see other keys than asked",
         fix="pass window_size_right = -1 if unbounded was meant, or handle rows beyond the window yourself",
     ),
+    Rule(
+        id="FA2-VARLEN-EMPTY-Q",
+        title="varlen max_seqlen_q >= 1",
+        kind="crash",
+        applies_to=("varlen",),
+        source="[H100] differential fuzzing, both providers (artifacts/2026-11-25/fa2_harden/fuzz/)",
+        symptom="CUDA error 'invalid argument' at launch (the context may be unusable afterwards)",
+        fix="skip the call when no sequence has a query (return empty outputs), else pass the true max_seqlen_q",
+    ),
+    Rule(
+        id="FA2-WINDOW-LEFT-ONLY",
+        title="a left window with window_right = -1 keeps every key to the right",
+        kind="semantics",
+        applies_to=ALL,
+        source="api: 'if (window_size_left >= 0 && window_size_right < 0) window_size_right = seqlen_k' [H100 fuzzing]",
+        symptom="rows i < seqlen_q - seqlen_k - 1 silently lose their last keys (no error, finite output)",
+        fix="pass window_size_right = max_seqlen_k - 1 (or larger) explicitly, or use causal=True for (w, 0) windows",
+    ),
     # --- strict mode: read the index values (one host copy) -------------------------------------
     Rule(
         id="FA2-CU-SEQLENS-START",
@@ -454,10 +472,12 @@ NOTES: tuple[tuple[str, str], ...] = (
         "for seqlen_q <= 9, seqlen_k <= 6: no miss, no false alarm.",
     ),
     (
-        "not covered",
-        "A left window with window_right = -1 gets right = seqlen_k (reference mask semantics), "
-        "so rows with seqlen_q > 2 * seqlen_k lose keys even without any clamping. No rule checks "
-        "this yet (NSA's windows pass (w - 1, 0)).",
+        "left-only windows",
+        "A left window with window_right = -1 gets right = seqlen_k (max_seqlen_k for varlen), so "
+        "row i keeps j <= i + 2 Sk - Sq and rows i < Sq - Sk - 1 lose keys: FA2-WINDOW-LEFT-ONLY "
+        "fires when seqlen_q > seqlen_k + 1 (for varlen max_seqlen_q > max_seqlen_k + 1, which "
+        "bounds every sequence because the kernel uses max_seqlen_k). Found by the H100 fuzzer "
+        "as false accepts before the rule existed.",
     ),
     (
         "arch rules on CPU",

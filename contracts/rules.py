@@ -492,6 +492,29 @@ def fa2_window_right_clamped(c: CallFacts) -> str | None:
     )
 
 
+def fa2_varlen_empty_q(c: CallFacts) -> str | None:
+    if c.kind != "varlen" or c.max_q is None or c.max_q >= 1 or c.b == 0:  # b == 0: FA2-BATCH-EMPTY
+        return None
+    return (
+        f"max_seqlen_q = {c.max_q} (total_q = {c.total_q}): the kernel grid has no query tiles and "
+        "the launch fails with CUDA 'invalid argument' (both providers, H100 fuzzing)"
+    )
+
+
+def fa2_window_left_only(c: CallFacts) -> str | None:
+    # With a left window and window_right = -1, FA-2 sets right = seqlen_k (varlen: max_seqlen_k),
+    # not "unbounded": row i keeps j <= i + Sk - Sq + Sk, so rows i < Sq - Sk - 1 lose their last
+    # keys. Per varlen sequence the bound uses max_seqlen_k, so max_q <= max_k + 1 is safe for all.
+    if c.causal or c.wl < 0 or c.wr >= 0 or c.sk is None or c.sq is None or c.wl >= c.sk:
+        return None
+    if c.sq <= c.sk + 1:
+        return None
+    return (
+        f"window_size = ({c.wl}, -1) with seqlen_q {c.sq} > seqlen_k {c.sk} + 1: FA-2 turns the right "
+        f"side into {c.sk}, not unbounded, so the first {c.sq - c.sk - 1} row(s) lose keys"
+    )
+
+
 # id -> (predicate, needs_shapes). Order = report order.
 PREDICATES = {
     "FA2-RANK": (fa2_rank, False),
@@ -527,4 +550,6 @@ PREDICATES = {
     "FA2-VARLEN-GQA-DECODE": (fa2_varlen_gqa_decode, True),
     "FA2-CAUSAL-DROPPED": (fa2_causal_dropped, True),
     "FA2-WINDOW-RIGHT-CLAMPED": (fa2_window_right_clamped, True),
+    "FA2-VARLEN-EMPTY-Q": (fa2_varlen_empty_q, True),
+    "FA2-WINDOW-LEFT-ONLY": (fa2_window_left_only, True),
 }

@@ -209,6 +209,11 @@ def _breaking_cases() -> dict[str, list[Case]]:
             Case("dense", dense_inputs(sq=10, sk=2), "wr=2 >= sk=2, no left window", {"window_size": (-1, 2)}),
             Case("dense", dense_inputs(sq=5, sk=2), "wr=4 > sk=2 with left window 0", {"window_size": (0, 4)}),
         ],
+        "FA2-VARLEN-EMPTY-Q": [Case("varlen", varlen_inputs(lq=(0,), lk=(5,)), "one sequence, no query")],
+        "FA2-WINDOW-LEFT-ONLY": [
+            Case("dense", dense_inputs(sq=10, sk=4), "left window 2, right -1, sq > sk + 1", {"window_size": (2, -1)}),
+            Case("varlen", varlen_inputs(lq=(9, 3), lk=(2, 6)), "max_q 9 > max_k 6 + 1", {"window_size": (3, -1)}),
+        ],
         # --- strict ---
         "FA2-CU-SEQLENS-START": [Case("varlen", _with(var, cu_seqlens_q=torch.tensor([1, 5, 16], dtype=I32)), "cu_q[0]=1", {"strict": True})],
         "FA2-CU-SEQLENS-DECREASING": [Case("varlen", {**varlen_inputs(lq=(5, 5, 6), lk=(10, 0, 6)),

@@ -24,6 +24,8 @@ def dense_calls(draw):
     wl = draw(st.one_of(st.just(-1), st.integers(0, 2 * sk)))
     # A right window >= sk is only a no-op when it covers every row; keep it inside sk.
     wr = draw(st.one_of(st.just(-1), st.integers(0, sk - 1)))
+    if not causal and 0 <= wl < sk and wr < 0 and sq > sk + 1:
+        wr = sk - 1  # a left-only window drops keys there (FA2-WINDOW-LEFT-ONLY); ask for all of them
     provider = draw(st.sampled_from(["flash_attn", "torch"]))
     caps = draw(st.sampled_from([None, "sm80", "sm90", "sm86"]))
     dropout = draw(st.sampled_from([0.0, 0.1]))

@@ -466,6 +466,10 @@ def fa2_varlen_gqa_decode(c: CallFacts) -> str | None:
 def fa2_causal_dropped(c: CallFacts) -> str | None:
     if not (c.causal and c.max_q == 1 and c.alibi is None and c.b is not None and c.total_q > c.b):
         return None
+    if c.wr == 0:
+        # An explicit right window of 0 survives the switch and keeps the mask causal (a fuzzer
+        # false reject on the H100: window (15, 0) with max_seqlen_q = 1 matched the reference).
+        return None
     return (
         f"causal=True with max_seqlen_q = 1 switches causal off, but total_q = {c.total_q} > batch "
         f"{c.b}, so some sequence has more than one query"
@@ -476,7 +480,7 @@ def fa2_window_right_clamped(c: CallFacts) -> str | None:
     # FA-2 sets a side >= seqlen_k to -1; a surviving left window then gets right = seqlen_k,
     # otherwise there is no window at all. Flag only when that changes which keys some row sees.
     wr, sk, sq = c.wr, c.sk, c.sq
-    if c.causal or wr < 0 or sk is None or wr < sk:
+    if c.causal or wr < 0 or sk is None or wr < sk or sk == 0:  # no keys: nothing to clamp
         return None
     if 0 <= c.wl < sk:
         if not (wr > sk and sq > sk + 1):

@@ -237,3 +237,19 @@ def test_caps_parse(text, arch):
 def test_caps_parse_rejects_garbage():
     with pytest.raises(ValueError, match="compute capability"):
         DeviceCaps.parse("ampere")
+
+
+def test_fuzzer_false_rejects_fixed_on_the_h100():
+    """Two over-strict cases the H100 fuzzer found (artifacts/2026-11-25/fa2_harden/fuzz/)."""
+    from contracts import dense_reasons, varlen_reasons
+    from contracts_testkit import dense_inputs, varlen_inputs
+
+    # causal with max_seqlen_q = 1 but an explicit right window 0: still causal, not dropped
+    var = varlen_inputs(lq=(5, 6), hq=2, hk=2)
+    var["max_seqlen_q"] = 1
+    ids = [r.rule for r in varlen_reasons(**var, causal=True, window_size=(3, 0))]
+    assert "FA2-CAUSAL-DROPPED" not in ids
+    assert "FA2-CAUSAL-DROPPED" in [r.rule for r in varlen_reasons(**var, causal=True)]
+    # a right window over an empty key set changes nothing
+    ids = [r.rule for r in dense_reasons(**dense_inputs(sq=9, sk=0), window_size=(5, 0))]
+    assert "FA2-WINDOW-RIGHT-CLAMPED" not in ids and "FA2-DENSE-EMPTY-K" in ids

@@ -213,3 +213,29 @@ def test_sel_gather_parity(provider, T, G, dtype):
     out = fa2.sel_attention(q, k, v, idx, cfg, provider=provider)
     ref, base = _three(lambda a, b, c: reference.sel_attention(a, b, c, idx, cfg), (q, k, v), dt)
     _check("out", dt, out, ref, base, f"sel {provider.name} T={T} G={G}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_equals_prefill_on_gpu(provider, dtype, monkeypatch):
+    """One token at a time through NSACache on the GPU vs the FA-2 prefill of the same sequences;
+    both within the tolerance rule of the fp64 reference (T <= 1024: selection cannot flip)."""
+    from nsa_ref import NSACache, decode_step, nsa_attention
+
+    monkeypatch.setenv("NSA_FA2_PROVIDER", provider.name)
+    dt = DTYPES[dtype]
+    cfg = _cfg()
+    B, T = 2, 300
+    q, k, v = _inputs(B * T, 4, 128, 128, dt)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    gates = torch.rand(B * T, q.shape[1], 3, device="cuda", generator=gen, dtype=torch.float64).to(dt)
+    cu = torch.tensor([0, T, 2 * T], dtype=torch.int32, device="cuda")
+    prefill = nsa_attention(q, k, v, gates, cfg, cu, backend="fa2")
+    cache = NSACache(batch_size=B)
+    decoded = torch.empty_like(prefill)
+    for t in range(T):
+        rows = [t, T + t]
+        decoded[rows] = decode_step(q[rows], k[rows], v[rows], gates[rows], cache, cfg)
+    ref, base = _three(lambda a, b, c, g: nsa_attention(a, b, c, g, cfg, cu, backend="reference"),
+                       (q, k, v, gates), dt)
+    _check("out", dt, prefill, ref, base, f"prefill {provider.name} B={B} T={T}")
+    _check("out", dt, decoded, ref, base, f"decode {provider.name} B={B} T={T}")

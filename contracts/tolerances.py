@@ -8,7 +8,7 @@ each constant comes from.
     verdict = rule.check(out, ref, base)   # all compared in fp64 on their device
     assert verdict, str(verdict)
 
-The default file is the repository's ``tolerances.yaml`` (next to the ``contracts`` package), or
+The default file is ``contracts/tolerances.yaml`` (the repository root's ``tolerances.yaml`` links to it), or
 the path in ``NSA_TOLERANCES``.
 """
 from __future__ import annotations
@@ -187,11 +187,12 @@ class ToleranceTable(BaseModel):
 
 
 def default_path() -> Path:
-    """``NSA_TOLERANCES`` if set, else the repository's tolerances.yaml."""
+    """``NSA_TOLERANCES`` if set, else the package's tolerances.yaml (the repository root's
+    tolerances.yaml is a link to it, so both names edit the same file)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "tolerances.yaml"
+    return Path(__file__).resolve().with_name("tolerances.yaml")
 
 
 def _error_location(loc: tuple) -> str:

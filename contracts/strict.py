@@ -14,7 +14,8 @@ import torch
 from .facts import CallFacts, Tensor
 
 # Meta rules whose failure makes an index tensor unreadable as (B+1,) / (B,) / (B, n) int32.
-_BLOCKING = {"FA2-RANK", "FA2-DEVICE", "FA2-INDEX-DTYPE", "FA2-INDEX-SHAPE", "FA2-INDEX-CONTIGUOUS"}
+_BLOCKING = {"FA2-RANK", "FA2-DEVICE", "FA2-INDEX-DTYPE", "FA2-INDEX-SHAPE", "FA2-INDEX-CONTIGUOUS",
+             "FA2-BATCH-EMPTY"}
 
 
 def read_index_values(c: CallFacts, failed: set[str]) -> dict[str, list] | None:
@@ -59,7 +60,7 @@ def _first_bad(items, limit: int = 4) -> str:
 
 def fa2_cu_seqlens_start(c: CallFacts, vals: dict) -> str | None:
     bad = [f"{name}[0] = {vals[name][0]}" for name in ("cu_seqlens_q", "cu_seqlens_k")
-           if name in vals and vals[name][0] != 0]
+           if vals.get(name) and vals[name][0] != 0]
     return "; ".join(bad) + " (must be 0)" if bad else None
 
 

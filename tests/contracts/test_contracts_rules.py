@@ -253,3 +253,14 @@ def test_fuzzer_false_rejects_fixed_on_the_h100():
     # a right window over an empty key set changes nothing
     ids = [r.rule for r in dense_reasons(**dense_inputs(sq=9, sk=0), window_size=(5, 0))]
     assert "FA2-WINDOW-RIGHT-CLAMPED" not in ids and "FA2-DENSE-EMPTY-K" in ids
+
+
+def test_strict_mode_on_empty_cu_seqlens_reports_instead_of_crashing():
+    from contracts import varlen_reasons
+    from contracts_testkit import varlen_inputs
+
+    var = varlen_inputs()
+    var["cu_seqlens_q"] = var["cu_seqlens_q"][:0]
+    var["cu_seqlens_k"] = var["cu_seqlens_k"][:0]
+    ids = [r.rule for r in varlen_reasons(**var, strict=True)]
+    assert {"FA2-BATCH-EMPTY", "FA2-INDEX-SHAPE"} & set(ids), ids

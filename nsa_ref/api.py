@@ -11,102 +11,12 @@ import torch
 from nsa_ref import masks, reference, router, sdpa, selection, telemetry, varlen
 from nsa_ref.compress import compress as _mean_compress
 from nsa_ref.config import NSAConfig
+from nsa_ref.inputs import (
+    check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_tensor, check_tokens,
+)
 from nsa_ref.settings import current_settings
 
 __all__ = ["compress", "cmp_attention", "select_blocks", "sel_attention", "win_attention", "nsa_attention"]
-
-
-# --- input checks: each raises ValueError quoting the offending values -------------------------
-
-def _check_cfg(cfg) -> None:
-    if not isinstance(cfg, NSAConfig):
-        raise ValueError(f"cfg must be an nsa_ref.NSAConfig, got {type(cfg).__name__}")
-
-
-def _check_tensor(name: str, x, dims: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dims, got shape={tuple(x.shape)}")
-
-
-def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k", v_name: str = "v") -> None:
-    """q: (T, Hq, Dk), k: (S, Hkv, Dk), v: (S, Hkv, Dv) head, dim, dtype and device agreement."""
-    for name, x in (("q", q), (k_name, k), (v_name, v)):
-        _check_tensor(name, x, 3)
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype={x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, {k_name}, {v_name} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, {k_name}, {v_name} must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape[0] != v.shape[0]:
-        raise ValueError(f"{k_name} and {v_name} need the same length, got {k.shape[0]} != {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{k_name} and {v_name} need the same Hkv, got {k.shape[1]} != {v.shape[1]}")
-    hq, hkv = q.shape[1], k.shape[1]
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"Hq must be a positive multiple of Hkv (GQA), got Hq={hq}, Hkv={hkv}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and {k_name} need the same head dim Dk, got {q.shape[2]} != {k.shape[2]}")
-
-
-def _check_tokens(q: torch.Tensor, k: torch.Tensor, cu_seqlens) -> None:
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q and k need the same number of tokens T, got {q.shape[0]} != {k.shape[0]}")
-    _check_cu(cu_seqlens, q)
-
-
-def _check_cu(cu_seqlens, q: torch.Tensor) -> None:
-    varlen.check_cu_seqlens(cu_seqlens, q.shape[0])
-    if cu_seqlens is not None and cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens must be on q's device, got {cu_seqlens.device} vs {q.device}")
-
-
-def _check_cmp_len(q: torch.Tensor, k_cmp: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
-    expected = sum(varlen.cmp_seqlens(cu_seqlens, q.shape[0], cfg))
-    if k_cmp.shape[0] != expected:
-        raise ValueError(
-            f"k_cmp must hold the compressed blocks of every sequence packed (Tc_total={expected} for "
-            f"block_len={cfg.block_len}, block_stride={cfg.block_stride}), got {k_cmp.shape[0]} rows"
-        )
-
-
-def _check_gates(gates, q: torch.Tensor) -> None:
-    _check_tensor("gates", gates, 3)
-    expected = (q.shape[0], q.shape[1], 3)
-    if tuple(gates.shape) != expected:
-        raise ValueError(f"gates must be (T, Hq, 3) = {expected} in order (cmp, sel, win), got {tuple(gates.shape)}")
-    if not gates.is_floating_point():
-        raise ValueError(f"gates must be floating, got dtype={gates.dtype}")
-    inside = (gates >= 0) & (gates <= 1)
-    if not bool(inside.all()):
-        bad = gates[~inside]
-        raise ValueError(
-            f"gates must lie in [0, 1] (e.g. a sigmoid), got {bad.numel()} value(s) outside, "
-            f"min={gates.min().item():.4g}, max={gates.max().item():.4g}, first={bad[0].item():.4g}"
-        )
-
-
-def _check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
-    _check_tensor("block_idx", block_idx, 3)
-    expected = (q.shape[0], k.shape[1], cfg.n_sel)
-    if tuple(block_idx.shape) != expected:
-        raise ValueError(f"block_idx must be (T, Hkv, n_sel) = {expected}, got {tuple(block_idx.shape)}")
-    if block_idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_idx must be int32 (int64 accepted), got dtype={block_idx.dtype}")
-    if block_idx.numel() == 0:
-        return
-    nb = torch.empty(q.shape[0], dtype=torch.long, device=block_idx.device)
-    for a, b in varlen.seq_bounds(cu_seqlens, q.shape[0]):
-        nb[a:b] = masks.num_sel_blocks(b - a, cfg)
-    bad = (block_idx < -1) | (block_idx >= nb[:, None, None])
-    if bool(bad.any()):
-        t, h, m = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"block_idx entries must be -1 or a selection block of the token's sequence (0..nb-1), "
-            f"got block_idx[{t}, {h}, {m}]={int(block_idx[t, h, m])} with nb={int(nb[t])}"
-        )
 
 
 # --- dispatch ----------------------------------------------------------------------------------
@@ -144,8 +54,10 @@ def compress(k: torch.Tensor, cfg: NSAConfig, cu_seqlens: torch.Tensor | None = 
     The "mean" phi: k_cmp[i] = mean of tokens [i*d, i*d + l) of each sequence, Tc_b =
     floor((T_b - l)/d) + 1 blocks (0 when T_b < l). Sequences too short or empty give no block.
     """
-    _check_cfg(cfg)
-    _check_tensor("k", k, 3)
+    check_cfg(cfg)
+    check_tensor("k", k, 3)
+    if not k.is_floating_point():
+        raise ValueError(f"k must be a floating tensor to average, got dtype={k.dtype}")
     return _mean_compress(k, cfg, cu_seqlens)
 
 
@@ -166,10 +78,10 @@ def cmp_attention(
     sequence's blocks (0 for invisible blocks and padding up to the longest sequence's Tc),
     computed by ``selection.cmp_probabilities`` whatever the backend (fp32 for 16-bit inputs).
     """
-    _check_cfg(cfg)
-    _check_heads(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
-    _check_cu(cu_seqlens, q)
-    _check_cmp_len(q, k_cmp, cfg, cu_seqlens)
+    check_cfg(cfg)
+    check_heads(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    check_cu(cu_seqlens, q)
+    check_cmp_len(q, k_cmp, cfg, cu_seqlens)
     out, _ = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))
     if not return_probs:
         return out
@@ -186,16 +98,10 @@ def select_blocks(
     (c = t // l'), clipped to 0..c; the other picks are the top scores among j <= c, ties to the
     lower index. Sorted ascending, -1 padded. Not differentiable (runs under no_grad).
     """
-    _check_cfg(cfg)
-    _check_tensor("q", q, 3)
-    _check_tensor("k_cmp", k_cmp, 3)
-    hq, hkv = q.shape[1], k_cmp.shape[1]
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"Hq must be a positive multiple of Hkv (GQA), got Hq={hq}, Hkv={hkv}")
-    if q.shape[2] != k_cmp.shape[2]:
-        raise ValueError(f"q and k_cmp need the same head dim Dk, got {q.shape[2]} != {k_cmp.shape[2]}")
-    _check_cu(cu_seqlens, q)
-    _check_cmp_len(q, k_cmp, cfg, cu_seqlens)
+    check_cfg(cfg)
+    check_heads(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
+    check_cu(cu_seqlens, q)
+    check_cmp_len(q, k_cmp, cfg, cu_seqlens)
     return selection.select_blocks(q, k_cmp, cfg, cu_seqlens)
 
 
@@ -213,10 +119,10 @@ def sel_attention(
     Query t (head h, KV head h // G) attends tokens s of the blocks listed in block_idx[t, h // G]
     with s <= t; -1 entries are ignored, a repeated block counts once, nothing listed gives 0.
     """
-    _check_cfg(cfg)
-    _check_heads(q, k, v)
-    _check_tokens(q, k, cu_seqlens)
-    _check_block_idx(block_idx, q, k, cfg, cu_seqlens)
+    check_cfg(cfg)
+    check_heads(q, k, v)
+    check_tokens(q, k, cu_seqlens)
+    check_block_idx(block_idx, q, k, cfg, cu_seqlens)
     return _route_call("sel", backend, q, k, v, cfg, cu_seqlens, (q, k, v, block_idx, cfg))
 
 
@@ -232,9 +138,9 @@ def win_attention(
 
     Query t attends s in [max(0, t - w + 1), t]: w keys including itself (FA-2 window (w-1, 0)).
     """
-    _check_cfg(cfg)
-    _check_heads(q, k, v)
-    _check_tokens(q, k, cu_seqlens)
+    check_cfg(cfg)
+    check_heads(q, k, v)
+    check_tokens(q, k, cu_seqlens)
     return _route_call("win", backend, q, k, v, cfg, cu_seqlens, (q, k, v, cfg))
 
 
@@ -254,15 +160,15 @@ def nsa_attention(
     "mean": the "mlp" phi has weights (use ``NSAAttention``). ``backend`` goes to the router
     for each of the three branches as given.
     """
-    _check_cfg(cfg)
+    check_cfg(cfg)
     if cfg.compress != "mean":
         raise ValueError(
             f"nsa_attention compresses with the parameter-free 'mean' phi, got cfg.compress={cfg.compress!r}; "
             "use NSAAttention for 'mlp' (or compress yourself and call the branch functions)"
         )
-    _check_heads(q, k, v)
-    _check_tokens(q, k, cu_seqlens)
-    _check_gates(gates, q)
+    check_heads(q, k, v)
+    check_tokens(q, k, cu_seqlens)
+    check_gates(gates, q)
     k_cmp, _ = _mean_compress(k, cfg, cu_seqlens)
     v_cmp, _ = _mean_compress(v, cfg, cu_seqlens)
     o_cmp, _ = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))

@@ -20,6 +20,7 @@ from nsa_ref import masks, reference, selection, varlen
 from nsa_ref.api import combine_branches
 from nsa_ref.compress import gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
+from nsa_ref.inputs import check_cfg, check_gates, check_heads
 
 #: phi: blocks (Nb, l, H, D) -> (Nb, H, D_out); ``mean_phi`` or an ``MLPCompressor``.
 Phi = Callable[[torch.Tensor], torch.Tensor]
@@ -172,6 +173,18 @@ def decode_step(
     block when one ends), then cmp / select / sel / win for that single query, gated as in
     ``nsa_attention``. ``phi_k``/``phi_v`` must be the compressors prefill used.
     """
+    # Every check runs before the cache is touched: a refused step leaves the cache as it was.
+    check_cfg(cfg)
+    check_heads(q, k, v)
+    check_gates(gates, q)
+    for b, seq in enumerate(cache.seqs):
+        if seq.k is not None and (seq.k.shape[1:] != k.shape[1:] or seq.v.shape[1:] != v.shape[1:]
+                                  or seq.k.dtype != k.dtype or seq.k.device != k.device):
+            raise ValueError(
+                f"decode_step: sequence {b} caches k {tuple(seq.k.shape[1:])} {seq.k.dtype} on {seq.k.device} "
+                f"and v {tuple(seq.v.shape[1:])}, got k {tuple(k.shape[1:])} {k.dtype} on {k.device}, "
+                f"v {tuple(v.shape[1:])}"
+            )
     if cache.batch_size != q.shape[0]:
         raise ValueError(
             f"decode_step takes one token per cached sequence: got {q.shape[0]} token(s) for a cache "

@@ -466,10 +466,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
     if args.impl:
-        from conformance.impl import ImplLoadError, parse_spec
+        from conformance.impl import ImplLoadError, load_callable
 
         try:
-            parse_spec(args.impl, "--impl")
+            load_callable(args.impl, "--impl")  # fail here with the reason, not inside pytest
         except ImplLoadError as exc:
             raise CLIError(str(exc)) from None
     target = Path(args.target) if args.target else suite_dir()

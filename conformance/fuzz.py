@@ -48,7 +48,7 @@ from conformance.probes import _common as C
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "FUZZ "
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-KERNEL_FAILURES = ("clean_error", "cuda_error", "silent_corruption", "killed_by_signal", "timeout")
+KERNEL_FAILURES = C.KERNEL_FAILURES
 HEAD_DIMS = (32, 40, 59, 64, 72, 80, 96, 100, 128, 160, 192, 224, 256)
 BIG_HEAD_DIMS = (264, 288, 320)
 DENSE_MUTATIONS = ("fp32", "k_dtype", "head_dim_big", "head_dim_v", "heads_not_divisible", "heads_kv_zero",

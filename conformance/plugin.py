@@ -100,6 +100,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return impl.describe() if impl is not None else []
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection, so the count is what is skipped
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     impl = getattr(config, "_nsa_impl", None)
     if impl is not None and impl.user_given:

@@ -1,6 +1,7 @@
 """Native Sparse Attention (Yuan et al. 2025): exact reference, SDPA fallback, FA-2 fast paths.
 
-Rules pinned in /work/shared/reference/nsa_spec.md; layout in Documentation/Architecture/Design.md.
+The rules this package pins (arXiv 2502.11089, read as written in ``nsa_ref.masks`` and
+``nsa_ref.selection``); layout in Documentation/Architecture/Design.md.
 Nothing here touches CUDA at import.
 """
 from nsa_ref.config import NSAConfig

@@ -64,19 +64,6 @@ def pack(seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(list(seqs), dim=0), cu
 
 
-def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor | None) -> list[torch.Tensor]:
-    """packed: (T, ...), cu_seqlens: (B+1,) -> B views (T_b, ...)."""
-    return [packed[a:b] for a, b in seq_bounds(cu_seqlens, packed.shape[0])]
-
-
-def local_positions(cu_seqlens: torch.Tensor | None, total: int, device=None) -> torch.Tensor:
-    """-> (T,) int64: each token's 0-based position inside its own sequence."""
-    pos = torch.empty(total, dtype=torch.long, device=device)
-    for a, b in seq_bounds(cu_seqlens, total):
-        pos[a:b] = torch.arange(b - a, device=device)
-    return pos
-
-
 def cmp_seqlens(cu_seqlens: torch.Tensor | None, total: int, cfg: "NSAConfig") -> list[int]:
     """-> [Tc_b]: number of compression blocks of every sequence."""
     return [masks.num_cmp_blocks(b - a, cfg) for a, b in seq_bounds(cu_seqlens, total)]

@@ -5,6 +5,11 @@
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/nsa_out}; mkdir -p "$OUT"
+if [ ! -d .device-wheels ]; then
+  echo "gpu_run.sh: needs .device-wheels/ (pydantic + flash_attn wheels for the GPU image; see the" >&2
+  echo "  README's GPU section), or run the same steps with flash-attn installed: pip install -e '.[test,flash]'" >&2
+  exit 2
+fi
 mkdir -p /tmp/site
 tar -xJf .device-wheels/flash_attn-*.tar.xz -C /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device-wheels/*.whl

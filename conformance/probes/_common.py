@@ -37,7 +37,8 @@ OUTCOMES = (
     "probe_error", "not_applicable", "skipped",
 )
 # Outcomes that mean "the kernel did not do what the arguments say" (the contract must reject).
-BAD_OUTCOMES = ("clean_error", "cuda_error", "silent_corruption", "killed_by_signal", "timeout")
+#: Outcomes in which the kernel failed the caller (shared by the probes, the runner and the fuzzer).
+KERNEL_FAILURES = ("clean_error", "cuda_error", "silent_corruption", "killed_by_signal", "timeout")
 
 FLASH_ATTN_FN = {"dense": "flash_attn_func", "varlen": "flash_attn_varlen_func", "kvcache": "flash_attn_with_kvcache"}
 ATEN_FN = "torch.ops.aten._flash_attention_forward"

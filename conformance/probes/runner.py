@@ -31,12 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conformance.probes._common import KERNEL_FAILURES
+
 PROBES_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROBES_DIR.parents[1]
 NOT_PROBES = {"__init__", "_common", "runner"}
 CUDA_TEXT = ("cuda error", "illegal memory access", "invalid configuration argument", "cudaerror",
              "device-side assert", "unspecified launch failure", "misaligned address")
-KERNEL_FAILURES = ("clean_error", "cuda_error", "silent_corruption", "killed_by_signal", "timeout")
 
 
 @dataclass

@@ -103,8 +103,21 @@ def test_settings_read_from_environment(monkeypatch):
         current_settings()
 
 
-def test_thresholds_file_default_applies_to_unlisted_gpus():
-    assert router.default_min_len("win", torch.device("cpu"), 128) >= 0
+def test_thresholds_file_default_applies_to_unlisted_gpus(monkeypatch):
+    table = {"default": {"win": 7}, "gpus": {"H100": {"win": {64: 11, 128: 99}}}}
+    monkeypatch.setattr(router, "_THRESHOLDS", table)
+    monkeypatch.setattr(router.torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    assert router.default_min_len("win", torch.device("cuda"), 128) == 7
+    monkeypatch.setattr(router.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert router.default_min_len("win", torch.device("cuda"), 128) == 99
+    assert router.default_min_len("win", torch.device("cuda"), 32) == 11  # next listed dim up
+    assert router.default_min_len("win", torch.device("cuda"), 256) == 99  # above all: the largest
+
+
+def test_committed_thresholds_file_parses_and_lists_the_measured_gpus():
+    table = router._load_thresholds()
+    assert set(table["default"]) == {"win", "cmp"}
+    assert any("H100" in gpu for gpu in table["gpus"]), table["gpus"].keys()
 
 
 def test_telemetry_fractions():

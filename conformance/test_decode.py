@@ -21,13 +21,7 @@ ATOL = 1e-12
 SMALL = dict(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    # Tiny tensors: extra intra-op threads only contend for shared CPUs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("nsa_cpu_threads")  # tiny tensors: one intra-op thread
 
 
 def _cfg(**over):

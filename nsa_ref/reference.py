@@ -64,12 +64,6 @@ def attend(
     return out, lse.permute(2, 0, 1).reshape(L, Hq).float()
 
 
-def _cat_rows(parts: list[torch.Tensor], like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
-    """Concatenate per-sequence rows; no rows at all gives (0, *tail), still attached to ``like``
-    (then itself empty) so that backward works on an all-empty batch."""
-    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail)) + like.sum() * 0
-
-
 def cmp_attention(
     q: torch.Tensor,
     k_cmp: torch.Tensor,
@@ -94,7 +88,7 @@ def cmp_attention(
         out, lse = attend(q[a:b], k_cmp[ca:cb], v_cmp[ca:cb], visible, scale)
         outs.append(out)
         lses.append(lse)
-    return _cat_rows(outs, q, (Hq, v_cmp.shape[-1])), _cat_rows(lses, q, (Hq,)).float()
+    return varlen.cat_rows(outs, q, (Hq, v_cmp.shape[-1])), varlen.cat_rows(lses, q, (Hq,)).float()
 
 
 def sel_attention(
@@ -118,7 +112,7 @@ def sel_attention(
         pos = torch.arange(b - a, device=q.device)
         visible = masks.sel_visible_mask(pos, pos, block_idx[a:b], cfg)
         outs.append(attend(q[a:b], k[a:b], v[a:b], visible, scale)[0])
-    return _cat_rows(outs, q, (Hq, v.shape[-1]))
+    return varlen.cat_rows(outs, q, (Hq, v.shape[-1]))
 
 
 def win_attention(
@@ -140,4 +134,4 @@ def win_attention(
         pos = torch.arange(b - a, device=q.device)
         visible = masks.win_visible_mask(pos, pos, cfg)[None]
         outs.append(attend(q[a:b], k[a:b], v[a:b], visible, scale)[0])
-    return _cat_rows(outs, q, (Hq, v.shape[-1]))
+    return varlen.cat_rows(outs, q, (Hq, v.shape[-1]))

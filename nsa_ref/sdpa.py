@@ -85,12 +85,6 @@ def _masked_sdpa(
     return out, lse
 
 
-def _cat_rows(parts: list[torch.Tensor], like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
-    """Concatenate chunk rows; no rows (every sequence empty, so ``like`` is empty too) gives
-    (0, *tail), still attached to ``like`` so that backward works."""
-    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail)) + like.sum() * 0
-
-
 def cmp_attention(
     q: torch.Tensor,
     k_cmp: torch.Tensor,
@@ -117,7 +111,7 @@ def cmp_attention(
             out, lse = _masked_sdpa(q[a + s : a + e], kc[:nvis], vc[:nvis], visible, scale, want_lse=True)
             outs.append(out)
             lses.append(lse)
-    return _cat_rows(outs, q, (Hq, v_cmp.shape[-1])), _cat_rows(lses, q, (Hq,)).float()
+    return varlen.cat_rows(outs, q, (Hq, v_cmp.shape[-1])), varlen.cat_rows(lses, q, (Hq,)).float()
 
 
 def _first_occurrence(block_idx: torch.Tensor) -> torch.Tensor:
@@ -184,7 +178,7 @@ def sel_attention(
                 outs.append(torch.utils.checkpoint.checkpoint(run_chunk, *args, use_reentrant=False))
             else:
                 outs.append(run_chunk(*args))
-    return _cat_rows(outs, q, (Hq, Dv))
+    return varlen.cat_rows(outs, q, (Hq, Dv))
 
 
 def _win_chunk_len(seqlen: int, window: int, n_heads: int) -> int:
@@ -216,4 +210,4 @@ def win_attention(
             k_pos = torch.arange(lo, e, device=q.device)
             visible = masks.win_visible_mask(q_pos, k_pos, cfg)[None]
             outs.append(_masked_sdpa(q[a + s : a + e], k[a + lo : a + e], v[a + lo : a + e], visible, scale)[0])
-    return _cat_rows(outs, q, (Hq, v.shape[-1]))
+    return varlen.cat_rows(outs, q, (Hq, v.shape[-1]))

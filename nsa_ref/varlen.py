@@ -87,3 +87,9 @@ def cmp_block_token_index(cu_seqlens: torch.Tensor | None, total: int, cfg: "NSA
         starts = a + d * torch.arange(tc, device=device)
         rows.append(starts[:, None] + offsets[None, :])
     return torch.cat(rows, dim=0) if rows else offsets.new_zeros((0, l))
+
+
+def cat_rows(parts: list[torch.Tensor], like: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
+    """Concatenate per-sequence (or per-chunk) rows along dim 0; no rows at all gives (0, *tail),
+    still attached to ``like`` (then itself empty) so that backward works on an all-empty batch."""
+    return torch.cat(parts, dim=0) if parts else like.new_zeros((0, *tail)) + like.sum() * 0

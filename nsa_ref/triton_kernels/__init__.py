@@ -1,0 +1,70 @@
+"""Triton kernels for NSA's selection: fused block scoring + top-n, and group-centric selected
+attention (forward and backward). Imported lazily: nothing here loads Triton until used.
+
+``unavailable_reason(x)`` says why these kernels cannot run on tensor ``x`` (None when they can):
+Triton must import, and ``x`` must live on a CUDA GPU of compute capability >= 8.0, or on the
+CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, meant for tests).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+#: Dtypes the kernels take; fp32/fp64 run their dot products in IEEE arithmetic (no TF32), and
+#: fp64 accumulates in fp64 (slow on GPUs; there for gradcheck and exact comparisons).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def unavailable_reason(x: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on ``x``'s device and dtype, or None if they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; it ships with CUDA builds of torch)"
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype} has no Triton path (fp16, bf16, fp32, fp64)"
+    if x.device.type == "cpu":
+        if interpreting():
+            return None
+        return "inputs on cpu: the Triton kernels need CUDA (or TRITON_INTERPRET=1 for the slow interpreter)"
+    if x.device.type != "cuda":
+        return f"inputs on {x.device.type}: the Triton kernels need CUDA"
+    if interpreting():
+        return "TRITON_INTERPRET=1 runs kernels on the CPU only; unset it to use the GPU"
+    major, _ = torch.cuda.get_device_capability(x.device)
+    if major < 8:
+        return f"compute capability {major}.x: the Triton kernels need sm80 or newer"
+    return None
+
+
+def triton_version() -> str:
+    """Installed Triton version, or "missing"."""
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("triton")
+    except Exception:  # noqa: BLE001 - no metadata means not installed
+        return "missing"
+
+
+def select_blocks(*args, **kwargs):
+    """See ``nsa_ref.triton_kernels.scoring.select_blocks``."""
+    from nsa_ref.triton_kernels.scoring import select_blocks as impl
+
+    return impl(*args, **kwargs)
+
+
+def sel_attention(*args, **kwargs):
+    """See ``nsa_ref.triton_kernels.selected.sel_attention``."""
+    from nsa_ref.triton_kernels.selected import sel_attention as impl
+
+    return impl(*args, **kwargs)
+
+
+__all__ = ["TRITON_DTYPES", "interpreting", "sel_attention", "select_blocks", "triton_version",
+           "unavailable_reason"]

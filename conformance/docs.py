@@ -40,6 +40,9 @@ FLAG_NOTES: dict[str, str] = {
     "use_fa2_sel": "FA-2 varlen gather for the selected branch, at every T (no minimum length). With "
                    "autograd, chunks are recomputed in backward; the committed GPU parity run checks its "
                    "output, not its gradients (guide, section 9).",
+    "use_triton": "Triton kernels for block selection (fused scoring + top-n) and the selected branch "
+                  "(group-centric, with backward), on CUDA sm80+ for fp16/bf16/fp32 and head dims <= 256. "
+                  "`0` sends sel back to the FA-2 gather and selection to the chunked torch scoring.",
     "fa2_min_len_win": "Shortest T (tokens) that `backend=\"auto\"` sends to FA-2 for win; unset = "
                        "`nsa_ref/fa2_thresholds.yaml`. An explicit `backend=\"fa2\"` ignores it.",
     "fa2_min_len_cmp": "The same for cmp.",

@@ -38,7 +38,7 @@ _REFERENCE_FUNCS = {
     "cmp": ("cmp_attention", True),
     "sel": ("sel_attention", True),
     "win": ("win_attention", True),
-    "select": ("select_blocks", False),
+    "select": ("select_blocks", True),
     "compress": ("compress", False),
 }
 

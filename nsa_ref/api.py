@@ -2,7 +2,8 @@
 
 All tensors use the FA-2 varlen layout (Documentation/Architecture/Design.md): ``q (T, Hq, Dk)``,
 ``k (T, Hkv, Dk)``, ``v (T, Hkv, Dv)``, optional ``cu_seqlens (B+1,) int32``. ``backend`` is
-"auto" | "reference" | "sdpa" | "fa2"; ``nsa_ref.router.choose`` alone decides what runs.
+"auto" | "reference" | "sdpa" | "fa2" | "triton"; ``nsa_ref.router.choose`` alone decides what
+runs (Triton covers block selection and the selected branch).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from nsa_ref import masks, reference, router, sdpa, selection, telemetry, varlen
 from nsa_ref.compress import compress as _mean_compress
 from nsa_ref.config import NSAConfig
 from nsa_ref.inputs import (
-    check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_tensor, check_tokens,
+    check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_lse, check_tensor,
+    check_tokens,
 )
 from nsa_ref.settings import current_settings
 
@@ -33,6 +35,10 @@ def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple
         from nsa_ref import fa2
 
         fn, extra = getattr(fa2, name), {"provider": route.provider, "pref_fp16": route.pref_fp16}
+    elif route.path == "triton":
+        from nsa_ref import triton_kernels
+
+        fn, extra = getattr(triton_kernels, name), {}
     else:
         raise ValueError(f"router chose path {route.path!r} for {branch}, which api.py does not know")
     settings = current_settings()
@@ -69,9 +75,11 @@ def cmp_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     return_probs: bool = False,
+    return_lse: bool = False,
 ):
     """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk), v_cmp: (Tc_total, Hkv, Dv) -> out (T, Hq, Dv),
-    or (out, probs (T, Hq, Tc_max)) with ``return_probs``.
+    or (out, probs (T, Hq, Tc_max)) with ``return_probs``, or (out, lse (T, Hq) fp32) with
+    ``return_lse`` (natural log, -inf for rows with no visible block; not both flags at once).
 
     Query t attends its sequence's compressed block i iff i*d + l - 1 <= t. Rows with no visible
     block (t < l - 1) are exactly 0 with zero gradient. ``probs`` is the cmp softmax over the
@@ -82,14 +90,23 @@ def cmp_attention(
     check_heads(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     check_cu(cu_seqlens, q)
     check_cmp_len(q, k_cmp, cfg, cu_seqlens)
-    out, _ = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))
+    if return_probs and return_lse:
+        raise ValueError("cmp_attention returns probs or lse, not both: pass one of return_probs / return_lse")
+    out, lse = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))
+    if return_lse:
+        return out, lse
     if not return_probs:
         return out
     return out, selection.cmp_probabilities(q, k_cmp, cfg, cu_seqlens)
 
 
 def select_blocks(
-    q: torch.Tensor, k_cmp: torch.Tensor, cfg: NSAConfig, cu_seqlens: torch.Tensor | None = None
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    cfg: NSAConfig,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk) -> block_idx (T, Hkv, n_sel) int32.
 
@@ -97,12 +114,31 @@ def select_blocks(
     summed over the G query heads of each KV head. Forced: blocks 0..n_init-1 and c-n_local+1..c
     (c = t // l'), clipped to 0..c; the other picks are the top scores among j <= c, ties to the
     lower index. Sorted ascending, -1 padded. Not differentiable (runs under no_grad).
+
+    ``backend``: "triton" (fused scoring + top-n kernels), "auto" (Triton where it can run, else
+    torch), anything else the chunked torch scoring. ``lse`` (T, Hq): the cmp branch's
+    log-sum-exp (e.g. ``cmp_attention(..., return_lse=True)``), reused by the Triton kernels
+    instead of being recomputed; the torch path ignores it.
     """
     check_cfg(cfg)
     check_heads(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
     check_cu(cu_seqlens, q)
     check_cmp_len(q, k_cmp, cfg, cu_seqlens)
-    return selection.select_blocks(q, k_cmp, cfg, cu_seqlens)
+    if lse is not None:
+        check_lse(lse, q)
+    return _select(q, k_cmp, cfg, cu_seqlens, backend, lse)
+
+
+def _select(q, k_cmp, cfg, cu_seqlens, backend, lse):
+    route = router.choose("select", backend, q=q, k=k_cmp, v=k_cmp, cfg=cfg, cu_seqlens=cu_seqlens)
+    settings = current_settings()
+    with telemetry.timed("select", route.path, q, settings.debug_timing):
+        if route.path == "triton":
+            from nsa_ref import triton_kernels
+
+            return triton_kernels.select_blocks(q.detach(), k_cmp.detach(), cfg, cu_seqlens,
+                                                lse=None if lse is None else lse.detach())
+        return selection.select_blocks(q, k_cmp, cfg, cu_seqlens)
 
 
 def sel_attention(
@@ -158,7 +194,8 @@ def nsa_attention(
     o = g_cmp * cmp(q, mean-compressed k, v) + g_sel * sel(q, k, v, select_blocks(...))
     + g_win * win(q, k, v). Gates in [0, 1], order (cmp, sel, win). ``cfg.compress`` must be
     "mean": the "mlp" phi has weights (use ``NSAAttention``). ``backend`` goes to the router
-    for each of the three branches as given.
+    for each branch and for the selection as given (the cmp branch's log-sum-exp is handed to
+    the Triton selection; backend="triton" runs Triton where it has kernels, "auto" elsewhere).
     """
     check_cfg(cfg)
     if cfg.compress != "mean":
@@ -171,8 +208,8 @@ def nsa_attention(
     check_gates(gates, q)
     k_cmp, _ = _mean_compress(k, cfg, cu_seqlens)
     v_cmp, _ = _mean_compress(v, cfg, cu_seqlens)
-    o_cmp, _ = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))
-    block_idx = selection.select_blocks(q, k_cmp, cfg, cu_seqlens)
+    o_cmp, lse = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))
+    block_idx = _select(q, k_cmp, cfg, cu_seqlens, backend, lse)
     o_sel = _route_call("sel", backend, q, k, v, cfg, cu_seqlens, (q, k, v, block_idx, cfg))
     o_win = _route_call("win", backend, q, k, v, cfg, cu_seqlens, (q, k, v, cfg))
     return combine_branches(gates, o_cmp, o_sel, o_win)

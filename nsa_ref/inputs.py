@@ -106,3 +106,21 @@ def check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig,
             f"block_idx entries must be -1 or a selection block of the token's sequence (0..nb-1), "
             f"got block_idx[{t}, {h}, {m}]={int(block_idx[t, h, m])} with nb={int(nb[t])}"
         )
+
+
+def check_lse(lse, q: torch.Tensor) -> None:
+    """lse: (T, Hq) floating, on q's device, no NaN and no +inf (-inf marks rows with nothing visible)."""
+    check_tensor("lse", lse, 2)
+    if tuple(lse.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"lse must be (T, Hq) = {tuple(q.shape[:2])}, got {tuple(lse.shape)}")
+    if lse.device != q.device:
+        raise ValueError(f"lse must be on q's device, got {lse.device} vs {q.device}")
+    if not lse.is_floating_point():
+        raise ValueError(f"lse must be floating (natural log-sum-exp), got dtype={lse.dtype}")
+    bad = torch.isnan(lse) | (lse == float("inf"))
+    if bool(bad.any()):
+        t, h = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"lse must be finite or -inf (rows with no visible block), got lse[{t}, {h}]={lse[t, h].item()}; "
+            "FA-2 reports +inf for empty rows: convert it (nsa_ref's cmp paths already do)"
+        )

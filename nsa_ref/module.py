@@ -85,8 +85,9 @@ class NSAAttention(nn.Module):
                               varlen.cmp_cu_seqlens(cu_seqlens, x.shape[0], self.cfg, device=x.device))
         else:
             k_cmp, v_cmp = self._compressed(k, v, cu_seqlens)
-            o_cmp = api.cmp_attention(q, k_cmp, v_cmp, self.cfg, cu_seqlens, backend=self.backend)
-            block_idx = api.select_blocks(q, k_cmp, self.cfg, cu_seqlens)
+            o_cmp, lse = api.cmp_attention(q, k_cmp, v_cmp, self.cfg, cu_seqlens, backend=self.backend,
+                                           return_lse=True)
+            block_idx = api.select_blocks(q, k_cmp, self.cfg, cu_seqlens, backend=self.backend, lse=lse)
             o_sel = api.sel_attention(q, k, v, block_idx, self.cfg, cu_seqlens, backend=self.backend)
             o_win = api.win_attention(q, k, v, self.cfg, cu_seqlens, backend=self.backend)
             out = api.combine_branches(gates, o_cmp, o_sel, o_win)

@@ -93,7 +93,8 @@ def test_build_defaults_to_nsa_ref_with_backend():
     uut = build({}, backend="reference")
     assert uut.user_given == []
     assert uut.slots["cmp"].describe() == "nsa_ref.cmp_attention(backend='reference')"
-    assert uut.slots["select"].describe() == "nsa_ref.select_blocks"
+    assert uut.slots["select"].describe() == "nsa_ref.select_blocks(backend='reference')"
+    assert uut.slots["compress"].describe() == "nsa_ref.compress"
     assert uut.dtype is torch.float64
     lines = uut.describe()
     assert "nsa_ref (this project's reference)" in lines[0] and "device=cpu dtype=fp64" in lines[0]

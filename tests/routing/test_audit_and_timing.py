@@ -50,4 +50,6 @@ def test_debug_timing_logs_path_shape_dtype(monkeypatch, caplog):
         nsa_attention(*_inputs(), CFG, backend="sdpa")
     lines = [r.getMessage() for r in caplog.records]
     assert any("win via sdpa: q(40, 4, 8) torch.float32" in line for line in lines), lines
-    assert len(telemetry.snapshot()["timings"]) == 3
+    assert any("select via torch: q(40, 4, 8) torch.float32" in line for line in lines), lines
+    timed = [(t["branch"], t["path"]) for t in telemetry.snapshot()["timings"]]
+    assert timed == [("cmp", "sdpa"), ("select", "torch"), ("sel", "sdpa"), ("win", "sdpa")]

@@ -1,4 +1,4 @@
-"""Timing sweep of NSA branches over paths: FA-2 (each provider), SDPA fallback, FlexAttention.
+"""Timing sweep of NSA branches over paths: FA-2 (each provider), Triton, SDPA fallback, FlexAttention.
 
     python -m conformance.bench --branches win,cmp --T 4096,16384,65536 --out artifacts/x
 
@@ -84,7 +84,7 @@ def _flex_fn(branch, cfg, T, G):
     return run
 
 
-def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
+def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool = False):
     """(callable, inputs list-of-tuples builder) for one case, or raise LookupError(reason)."""
     import torch
     from nsa_ref import fa2
@@ -123,7 +123,26 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             return (lambda q, kc, vc: sdpa.cmp_attention(q, kc, vc, cfg)[0]), make_cmp
         if path == "flex":
             return _flex_fn("cmp", cfg, T, G), make_cmp
-    if branch == "sel" and (path == "sdpa" or prov is not None):
+    if branch == "select":
+        from nsa_ref import selection
+
+        if mode_is_bwd:
+            raise LookupError("block selection has no backward")
+
+        def make_select(seed):
+            q, k, _ = make(seed)
+            kc = compress(k, cfg)[0]
+            lse = None
+            if path == "triton":  # the cmp branch's lse, as nsa_attention hands it over
+                from nsa_ref.triton_kernels.scoring import cmp_lse
+                lse = cmp_lse(q, kc, cfg)
+            return q, kc, lse
+        if path == "triton":
+            from nsa_ref.triton_kernels import select_blocks as triton_select
+            return (lambda q, kc, lse: triton_select(q, kc, cfg, lse=lse)), make_select
+        if path == "torch":
+            return (lambda q, kc, lse: selection.select_blocks(q, kc, cfg)), make_select
+    if branch == "sel" and (path in ("sdpa", "triton") or prov is not None):
         from nsa_ref import sdpa, select_blocks
 
         def make_sel(seed):
@@ -133,6 +152,9 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             return q, k, v, idx
         if prov is not None:
             return (lambda q, k, v, idx: fa2.sel_attention(q, k, v, idx, cfg, provider=prov)), make_sel
+        if path == "triton":
+            from nsa_ref import triton_kernels
+            return (lambda q, k, v, idx: triton_kernels.sel_attention(q, k, v, idx, cfg)), make_sel
         return (lambda q, k, v, idx: sdpa.sel_attention(q, k, v, idx, cfg)), make_sel
     if branch == "full_causal" and prov is not None:
         def full(q, k, v):
@@ -153,6 +175,9 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg):
             return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="fa2")), make_nsa
         if path == "sdpa":
             return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="sdpa")), make_nsa
+        if path == "triton":
+            # Triton for selection and sel; cmp and win take the auto route (FA-2).
+            return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="triton")), make_nsa
     raise LookupError(f"no {path} path for {branch}")
 
 
@@ -167,6 +192,9 @@ def fwd_flops(branch, T, hq, dk, dv, cfg) -> float:
     if branch == "sel":
         # each query sees at most n * l' selected keys (all earlier ones while t < n * l')
         return per_pair * sum(min(t + 1, cfg.n_sel * cfg.sel_block) for t in range(T))
+    if branch == "select":
+        # q . k_cmp over the visible compressed blocks (the scores' only matrix product)
+        return 2 * hq * dk * cmp_pairs(T, cfg)
     return float("nan")
 
 
@@ -208,8 +236,8 @@ def run_sharded(argv: list[str], workers: int, out: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nsa-fa2 bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--branches", default="win,cmp,sel,nsa,full_causal")
-    ap.add_argument("--paths", default="fa2:flash_attn,fa2:torch,sdpa,flex")
+    ap.add_argument("--branches", default="win,cmp,sel,select,nsa,full_causal")
+    ap.add_argument("--paths", default="fa2:flash_attn,fa2:torch,triton,torch,sdpa,flex")
     ap.add_argument("--T", default="256,1024,4096,16384,65536")
     ap.add_argument("--head-dims", default="128", help="dk or dk/dv, comma separated, e.g. 128,192/128")
     ap.add_argument("--dtypes", default="bf16")
@@ -269,12 +297,16 @@ def main(argv=None) -> int:
             try:
                 if path == "sdpa" and T > args.max_sdpa_T:
                     raise LookupError(f"SDPA skipped above T={args.max_sdpa_T} (--max-sdpa-T)")
-                fn, make = build_case(branch, path, T, args.hq, args.hkv, dk, dv, dtypes[dt], cfg)
+                fn, make = build_case(branch, path, T, args.hq, args.hkv, dk, dv, dtypes[dt], cfg,
+                                      mode_is_bwd=mode == "fwdbwd")
                 if path.startswith("fa2:"):
                     from nsa_ref.fa2 import get_provider
                     row["version"] = get_provider(path[4:]).version()
                 elif path == "flex":
                     row["version"] = torch.__version__
+                elif path == "triton":
+                    from nsa_ref.triton_kernels import triton_version
+                    row["version"] = triton_version()
                 inputs = [make(s) for s in range(args.rotate)]
                 if mode == "fwdbwd":
                     for inp in inputs:

@@ -3,10 +3,10 @@
 ``choose`` decides per branch call:
 - ``sel`` (selected attention) and ``select`` (block scoring + top-n) take the Triton kernels
   (``nsa_ref.triton_kernels``) when they are enabled (NSA_USE_TRITON) and can run: inputs on a
-  CUDA GPU of sm80+, fp16/bf16/fp32, head dims <= 256. On an H100 at 64K
-  tokens they are 15x (sel) and 30x (select) faster than the next path
-  (artifacts/2026-11-25/triton_sel). Otherwise ``sel`` goes on to FA-2, and ``select`` runs the
-  chunked torch scoring (path "torch").
+  CUDA GPU of sm80+, fp16/bf16/fp32/fp64, head dims <= 256. On an H100 at 64K
+  tokens they are 19x (sel forward, 23x forward+backward) and 21x (select) faster than the
+  next path, measured in one sweep (artifacts/2026-11-25/triton_sel). Otherwise ``sel`` goes
+  on to FA-2, and ``select`` runs the chunked torch scoring (path "torch").
 - ``cmp``, ``win`` and ``sel`` take FA-2 only when it is enabled, a provider is usable, the inputs
   are legal for the FA-2 calls the branch would make (per ``contracts``), and the sequence is long
   enough; otherwise SDPA.

@@ -87,33 +87,15 @@ def check(rows):
 
 
 def variants(rows):
-    """Launch variants of the selected-attention kernels at 64K: correctness of the dK forms on a
-    16-bit D=128 case, and time of each form / warp count (bf16, Hq 64 / Hkv 4 / D 128)."""
+    """Launch variants at 64K (bf16, Hq 64 / Hkv 4 / D 128): selected-attention forward by warp
+    count, and the scoring pieces on their own (lse pass, score kernel without the top-n)."""
     import triton.testing as tt
-    from nsa_ref import NSAConfig, reference, selection
+    from nsa_ref import NSAConfig
     from nsa_ref.compress import compress
     from nsa_ref.triton_kernels import scoring, selected
     cfg = NSAConfig()
-    base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in selected.LAUNCH.items()}
-    T, hq, hkv, d = 2111, 16, 4, 128
-    for dtype in (torch.bfloat16, torch.float16):
-        torch.manual_seed(1)
-        lo = [torch.randn(T, h, d, device="cuda", dtype=torch.float64).to(dtype) for h in (hq, hkv, hkv)]
-        kc, _ = compress(lo[1], cfg)
-        idx = selection.select_blocks(lo[0], kc, cfg)
-        qd, kd, vd = (x.detach().double().requires_grad_() for x in lo)
-        ref = reference.sel_attention(qd, kd, vd, idx, cfg)
-        do = torch.randn(T, hq, d, device="cuda", dtype=dtype)
-        rg = torch.autograd.grad(ref, (qd, kd, vd), do.double())
-        for mode in (0, 1, 2):
-            selected.LAUNCH["dk_mode"] = mode
-            qg, kg, vg = (x.clone().requires_grad_() for x in lo)
-            g = torch.autograd.grad(selected.sel_attention(qg, kg, vg, idx, cfg), (qg, kg, vg), do)
-            row = dict(T=T, work=f"dk_mode{mode}_{str(dtype).split('.')[-1]}", dq_rel=rel(g[0], rg[0]),
-                       dk_rel=rel(g[1], rg[1]), dv_rel=rel(g[2], rg[2]))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    T, hq = 65536, 64
+    base = dict(selected.LAUNCH["fwd"])
+    T, hq, hkv, d = 65536, 64, 4, 128
     torch.manual_seed(T)
     q = torch.randn(T, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(T, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -124,27 +106,12 @@ def variants(rows):
     ms = lambda fn: tt.do_bench(fn, warmup=50, rep=200, return_mode="median")  # noqa: E731
     rows.append(dict(T=T, work="cmp_lse_triton", ms=round(ms(lambda: scoring.cmp_lse(q, kc, cfg)), 3)))
     rows.append(dict(T=T, work="slc_scores_only", ms=round(ms(lambda: scoring.block_scores(q, kc, cfg, lse=lse)), 3)))
+    rows.append(dict(T=T, work="select_with_lse", ms=round(ms(lambda: scoring.select_blocks(q, kc, cfg, lse=lse)), 3)))
     for w in (2, 4, 8):
         selected.LAUNCH["fwd"] = dict(num_warps=w)
         rows.append(dict(T=T, work=f"sel_fwd_warps{w}", ms=round(ms(lambda: selected.sel_attention(q, k, v, idx, cfg)), 3)))
-    selected.LAUNCH["fwd"] = base["fwd"]
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    do = torch.randn_like(q)
-    for mode in (0, 1, 2):
-        for w in (4, 8):
-            selected.LAUNCH["dk_mode"], selected.LAUNCH["dkv"] = mode, dict(num_warps=w)
-            def fb():
-                torch.autograd.backward(selected.sel_attention(qg, kg, vg, idx, cfg), do)
-            rows.append(dict(T=T, work=f"sel_fwd_bwd_dkmode{mode}_warps{w}", ms=round(ms(fb), 3)))
-    for w in (4, 8):
-        selected.LAUNCH["dq"] = dict(num_warps=w)
-        selected.LAUNCH["dk_mode"], selected.LAUNCH["dkv"] = base["dk_mode"], base["dkv"]
-        def fb2():
-            torch.autograd.backward(selected.sel_attention(qg, kg, vg, idx, cfg), do)
-        rows.append(dict(T=T, work=f"sel_fwd_bwd_dq_warps{w}", ms=round(ms(fb2), 3)))
-    selected.LAUNCH.clear()
-    selected.LAUNCH.update(base)
-    for r in rows[-16:]:
+    selected.LAUNCH["fwd"] = base
+    for r in rows:
         print(json.dumps(r), flush=True)
 
 

@@ -283,7 +283,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
     table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
     pos, _ = token_position(cu_seqlens, T, q.device)
-    NP = next_pow2(cfg.n_sel)
+    NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1 (Triton 3.6 fails to compile it)
     BN = max(NP, min(256, next_pow2(nb_max)))
     for a, b in _chunks(tiles, BT, Hkv * nb_max):
         row_base = tiles[a][0]

@@ -125,3 +125,33 @@ def test_decode_needs_one_token_per_sequence():
     z = torch.zeros(3, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"got 3 token\(s\) for a cache of batch_size=2"):
         decode_step(z, z, z, torch.zeros(3, 2, 3, dtype=torch.float64), cache, _cfg())
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (16, 1)], ids=["G2", "G16"])
+def test_decode_on_suite_backend(impl_under_test, nsa_device, nsa_dtype, hq, hkv):
+    """nsa_ref's decode_step with the suite's --nsa-backend (e.g. triton, which runs select and sel
+    on its kernels) on --nsa-device / --nsa-dtype: every step within tolerances.yaml of the fp64
+    prefill (rounding baseline: the reference prefill in the same dtype)."""
+    from conformance import assertions as A
+    from nsa_ref import NSACache, decode_step, nsa_attention
+
+    if not impl_under_test.slots["nsa"].is_reference:
+        pytest.skip("decode_step is nsa_ref's; --nsa-impl names another implementation")
+    backend = impl_under_test.slots["sel"].backend
+    cfg, B, T = _cfg(), 2, 24
+    g = torch.Generator().manual_seed(1)
+    x64 = [torch.randn(B * T, h, d, generator=g, dtype=torch.float64) for h, d in ((hq, 8), (hkv, 8), (hkv, 8))]
+    gates = torch.rand(B * T, hq, 3, generator=g, dtype=torch.float64)
+    cu = _cu([T] * B)
+    lo = [x.to(nsa_dtype) for x in (*x64, gates)]
+    truth = nsa_attention(*[x.to(nsa_dtype).double() for x in x64], gates.to(nsa_dtype).double(), cfg, cu,
+                          backend="reference")
+    base = None if nsa_dtype == torch.float64 else nsa_attention(*lo, cfg, cu, backend="reference")
+    cache = NSACache(batch_size=B)
+    dev = [x.to(nsa_device) for x in lo]
+    with torch.no_grad():
+        for t in range(T):
+            rows = [b * T + t for b in range(B)]
+            out = decode_step(*[x[rows] for x in dev], cache, cfg, backend=backend)
+            A.assert_close(out.cpu(), truth[rows], None if base is None else base[rows], rule=RULE_DECODE,
+                           dtype=nsa_dtype, where=f"backend={backend} t={t} G={hq // hkv}")

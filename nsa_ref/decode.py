@@ -7,6 +7,10 @@ query, as in prefill. The step reuses prefill's rule functions and math (``refer
 ``selection.cmp_block_probs`` / ``block_scores`` / ``top_blocks``) on the cached tensors, so in
 fp64 it agrees with prefill to rounding (~1e-12).
 
+``decode_step(..., backend=)``: block selection and the selected branch run on the Triton
+kernels when the router's Triton rules allow it ("auto" on CUDA, or "triton" explicitly), with
+the same rules; cmp and win always use the reference math on the cached tensors.
+
 The cache stores tensors as given (graph included); run inference under ``torch.no_grad()``.
 """
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from nsa_ref import masks, reference, selection, varlen
+from nsa_ref import masks, reference, router, selection, telemetry, varlen
 from nsa_ref.api import combine_branches
 from nsa_ref.compress import gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
@@ -132,7 +136,7 @@ class NSACache:
         return t
 
 
-def _decode_one(q: torch.Tensor, seq: SequenceCache, t: int, cfg: NSAConfig):
+def _decode_one(q: torch.Tensor, seq: SequenceCache, t: int, cfg: NSAConfig, use_triton: bool = False):
     """q: (1, Hq, Dk) at position t of a cached sequence -> (o_cmp, o_sel, o_win), each (1, Hq, Dv)."""
     Dk = q.shape[-1]
     Hkv = seq.k.shape[1]
@@ -144,11 +148,19 @@ def _decode_one(q: torch.Tensor, seq: SequenceCache, t: int, cfg: NSAConfig):
 
     o_cmp, _ = reference.attend(q, k_cmp, v_cmp, masks.cmp_visible_mask(pos, tc, cfg)[None], scale)
 
-    with torch.no_grad():
-        p_cmp = selection.cmp_block_probs(q, k_cmp, pos, cfg)
-        scores = selection.block_scores(p_cmp, Hkv, masks.num_sel_blocks(t + 1, cfg), cfg)
-        block_idx = selection.top_blocks(scores, pos, cfg)
-    o_sel, _ = reference.attend(q, seq.k, seq.v, masks.sel_visible_mask(pos, k_pos, block_idx, cfg), scale)
+    if use_triton:
+        from nsa_ref.triton_kernels.scoring import select_blocks_decode
+        from nsa_ref.triton_kernels.selected import sel_attention_decode
+
+        block_idx = select_blocks_decode(q, k_cmp, cfg, [t], [0], [tc])
+        zero = torch.zeros(1, dtype=torch.int64, device=q.device)
+        o_sel = sel_attention_decode(q, seq.k, seq.v, block_idx, cfg, pos, zero)
+    else:
+        with torch.no_grad():
+            p_cmp = selection.cmp_block_probs(q, k_cmp, pos, cfg)
+            scores = selection.block_scores(p_cmp, Hkv, masks.num_sel_blocks(t + 1, cfg), cfg)
+            block_idx = selection.top_blocks(scores, pos, cfg)
+        o_sel, _ = reference.attend(q, seq.k, seq.v, masks.sel_visible_mask(pos, k_pos, block_idx, cfg), scale)
 
     lo = max(0, t - cfg.window + 1)
     o_win, _ = reference.attend(
@@ -166,12 +178,15 @@ def decode_step(
     cfg: NSAConfig,
     phi_k: Phi = mean_phi,
     phi_v: Phi = mean_phi,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """q: (B, Hq, Dk), k: (B, Hkv, Dk), v: (B, Hkv, Dv), gates: (B, Hq, 3) -> (B, Hq, Dv).
 
     Row b is the next token of cached sequence b: appended to the cache (emitting a compressed
     block when one ends), then cmp / select / sel / win for that single query, gated as in
-    ``nsa_attention``. ``phi_k``/``phi_v`` must be the compressors prefill used.
+    ``nsa_attention``. ``phi_k``/``phi_v`` must be the compressors prefill used. ``backend``
+    ("auto" | "triton" | anything else = reference math) picks where select and sel run; an
+    explicit "triton" that cannot run raises ``router.TritonUnavailable`` before the cache changes.
     """
     # Every check runs before the cache is touched: a refused step leaves the cache as it was.
     check_cfg(cfg)
@@ -198,9 +213,20 @@ def decode_step(
         raise ValueError(f"Hq must be a multiple of Hkv (GQA), got Hq={q.shape[1]}, Hkv={k.shape[1]}")
     if tuple(gates.shape[1:]) != (q.shape[1], 3):
         raise ValueError(f"gates must be (B, Hq, 3) = {(q.shape[0], q.shape[1], 3)}, got {tuple(gates.shape)}")
+    if backend not in router.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(router.BACKENDS)}")
+    use_triton = False
+    if backend in ("auto", "triton"):
+        refusal = router.triton_refusal("sel", q, k, v, cfg, explicit=backend == "triton")
+        if refusal is not None and backend == "triton":
+            raise router.TritonUnavailable(f"backend='triton' requested for decode but it cannot run: {refusal}")
+        use_triton = refusal is None
+    path = "triton" if use_triton else "reference"
+    for branch in ("select", "sel"):
+        telemetry.record(branch, path, "decode_step")
     rows = []
     for b in range(q.shape[0]):
         t = cache.append(b, k[b], v[b], cfg, phi_k, phi_v)
-        o_cmp, o_sel, o_win = _decode_one(q[b : b + 1], cache.seqs[b], t, cfg)
+        o_cmp, o_sel, o_win = _decode_one(q[b : b + 1], cache.seqs[b], t, cfg, use_triton)
         rows.append(combine_branches(gates[b : b + 1], o_cmp, o_sel, o_win))
     return torch.cat(rows) if rows else q.new_zeros((0, q.shape[1], v.shape[-1]))

@@ -220,17 +220,22 @@ def _launch_opts(Dk: int) -> dict:
 
 def cmp_lse(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
             cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk) -> lse (T, Hq) fp32 (fp64 for fp64 q), natural log, -inf where no
-    compression block is visible. The same quantity the cmp branch returns."""
+    """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk) -> lse (T, Hq) fp32 (fp64 for fp64 q), natural
+    log, -inf where no compression block is visible. The same quantity the cmp branch returns."""
+    T = q.shape[0]
+    lengths = seq_lengths(cu_seqlens, T)
+    _, _, BT = _geometry(q, k_cmp.shape[1])
+    return _lse_for_tiles(q, k_cmp, cfg, row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths]))
+
+
+def _lse_for_tiles(q, k_cmp, cfg, tiles) -> torch.Tensor:
     T, Hq, Dk = q.shape
     Hkv = k_cmp.shape[1]
     lse = torch.full((T, Hq), float("-inf"), dtype=score_dtype(q.dtype), device=q.device)
-    if T == 0:
+    if T == 0 or not tiles:
         return lse
     q, k_cmp = _inner_contiguous(q), _inner_contiguous(k_cmp)
-    lengths = seq_lengths(cu_seqlens, T)
     G, GP, BT = _geometry(q, Hkv)
-    tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
     table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
     _cmp_lse_kernel[(len(tiles), Hkv)](
         q, k_cmp, lse, table, q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
@@ -267,22 +272,42 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     block), e.g. the second output of ``nsa_ref.fa2.cmp_attention``; computed here when None.
     Same rules as ``nsa_ref.selection.select_blocks``; inputs are assumed valid.
     """
+    T = q.shape[0]
+    lengths = seq_lengths(cu_seqlens, T)
+    _, _, BT = _geometry(q, k_cmp.shape[1])
+    tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
+    pos, _ = token_position(cu_seqlens, T, q.device)
+    nb_max = max((masks.num_sel_blocks(n, cfg) for n in lengths), default=0)
+    return _select(q, k_cmp, cfg, tiles, pos, nb_max, lse)
+
+
+@torch.no_grad()
+def select_blocks_decode(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig", pos: list[int],
+                         cmp_start: list[int], cmp_count: list[int]) -> torch.Tensor:
+    """Decode: q: (B, Hq, Dk), one query per sequence at local position pos[b]; k_cmp:
+    (Tc_total, Hkv, Dk) holds sequence b's cmp_count[b] compressed blocks from row cmp_start[b]
+    -> block_idx (B, Hkv, n_sel) int32, the blocks prefill would select at that position."""
+    tiles = [(b, p, p + 1, cs, tc) for b, (p, cs, tc) in enumerate(zip(pos, cmp_start, cmp_count))]
+    nb_max = max((masks.num_sel_blocks(p + 1, cfg) for p in pos), default=0)
+    pos_t = torch.tensor(pos, dtype=torch.int32, device=q.device)
+    return _select(q, k_cmp, cfg, tiles, pos_t, nb_max, None)
+
+
+def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
+    """Scores then top-n for the query rows described by ``tiles`` (see ``layout.row_tiles``);
+    pos: (T,) int32 local position of every row of q."""
     T, Hq, Dk = q.shape
     Hkv = k_cmp.shape[1]
     R, RW, S = _cells(cfg)
     out = torch.full((T, Hkv, cfg.n_sel), -1, dtype=torch.int32, device=q.device)
-    if T == 0:
+    if T == 0 or not tiles:
         return out
     q, k_cmp = _inner_contiguous(q), _inner_contiguous(k_cmp)
     if lse is None:
-        lse = cmp_lse(q, k_cmp, cfg, cu_seqlens)
+        lse = _lse_for_tiles(q, k_cmp, cfg, tiles)
     lse = lse.to(score_dtype(q.dtype)).contiguous()
-    lengths = seq_lengths(cu_seqlens, T)
-    nb_max = max((masks.num_sel_blocks(n, cfg) for n in lengths), default=0)
     G, GP, BT = _geometry(q, Hkv)
-    tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
     table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
-    pos, _ = token_position(cu_seqlens, T, q.device)
     NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1 (Triton 3.6 fails to compile it)
     BN = max(NP, min(256, next_pow2(nb_max)))
     for a, b in _chunks(tiles, BT, Hkv * nb_max):
@@ -294,8 +319,8 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
             q, k_cmp, lse, scores, table[a:b], q.stride(0), q.stride(1), k_cmp.stride(0),
             k_cmp.stride(1), scores.stride(0), scores.stride(1), row_base, Hq, G, Dk,
             cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride, cfg.sel_block,
-            GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R), PREC=_prec(q.dtype), ACC=_acc(q.dtype),
-            **_launch_opts(Dk),
+            GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R),
+            PREC=_prec(q.dtype), ACC=_acc(q.dtype), **_launch_opts(Dk),
         )
         if scores.dtype == torch.float64:
             # The int64 key packs a 32-bit score: fp64 scores take torch's stable sort instead.
@@ -336,4 +361,4 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     return scores
 
 
-__all__ = ["block_scores", "cmp_lse", "select_blocks"]
+__all__ = ["block_scores", "cmp_lse", "select_blocks", "select_blocks_decode"]

@@ -49,7 +49,7 @@ def _listed(idx_row, pos, n_sel, SEL_BLOCK, NP: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_kernel(Q, K, V, IDX, POS, O, LSE2,
+def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, so_t, so_h,
                     Hq, G, Dk, Dv, n_sel, scale_log2, SEL_BLOCK,
                     GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -57,6 +57,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, O, LSE2,
     t = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     pos = tl.load(POS + t)
+    kstart = tl.load(KSTART + t).to(tl.int64)  # packed row of key position 0 of t's sequence
     g = tl.arange(0, GP)
     head = kvh * G + g
     gm = g < G
@@ -72,7 +73,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, O, LSE2,
         j = tl.load(idx_row + s)
         kpos = j * SEL_BLOCK + offs
         kmask = (offs < SEL_BLOCK) & (kpos <= pos)
-        rows = t - pos + kpos  # packed rows of the keys (same sequence as t)
+        rows = kstart + kpos  # packed rows of the keys
         k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
         v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
@@ -90,7 +91,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, O, LSE2,
 
 
 @triton.jit
-def _sel_dq_kernel(Q, K, V, DO, IDX, POS, LSE2, DELTA, DQ,
+def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sd_t, sd_h,
                    Hq, G, Dk, Dv, n_sel, scale, scale_log2, SEL_BLOCK,
                    GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
@@ -98,6 +99,7 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, LSE2, DELTA, DQ,
     t = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     pos = tl.load(POS + t)
+    kstart = tl.load(KSTART + t).to(tl.int64)  # packed row of key position 0 of t's sequence
     g = tl.arange(0, GP)
     head = kvh * G + g
     gm = g < G
@@ -114,7 +116,7 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, LSE2, DELTA, DQ,
         j = tl.load(idx_row + s)
         kpos = j * SEL_BLOCK + offs
         kmask = (offs < SEL_BLOCK) & (kpos <= pos)
-        rows = t - pos + kpos
+        rows = kstart + kpos
         k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
         v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
@@ -247,7 +249,7 @@ def _reverse_index(idx: torch.Tensor, pos: torch.Tensor, lengths: list[int], lp:
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, pos, lengths, scale, lp):
+    def forward(ctx, q, k, v, idx, pos, kstart, lengths, scale, lp):
         T, Hq, _ = q.shape
         Hkv, Dv = k.shape[1], v.shape[-1]
         dims, consts = _geometry(q, k, v, lp, idx.shape[-1])
@@ -255,17 +257,17 @@ class _SelectedAttention(torch.autograd.Function):
         lse2 = torch.empty(T, Hq, dtype=acc_dtype(q.dtype), device=q.device)
         if T:
             _sel_fwd_kernel[(T, Hkv)](
-                q, k, v, idx, pos, o, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                q, k, v, idx, pos, kstart, o, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
                 dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale * LOG2E, lp, **consts, **LAUNCH["fwd"],
             )
-        ctx.save_for_backward(q, k, v, idx, pos, o, lse2)
+        ctx.save_for_backward(q, k, v, idx, pos, kstart, o, lse2)
         ctx.lengths, ctx.scale, ctx.lp = lengths, scale, lp
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, idx, pos, o, lse2 = ctx.saved_tensors
+        q, k, v, idx, pos, kstart, o, lse2 = ctx.saved_tensors
         scale, lp = ctx.scale, ctx.lp
         T, Hq, _ = q.shape
         Hkv = k.shape[1]
@@ -278,7 +280,7 @@ class _SelectedAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         if T:
             _sel_dq_kernel[(T, Hkv)](
-                q, k, v, do, idx, pos, lse2, delta, dq, q.stride(0), q.stride(1), k.stride(0),
+                q, k, v, do, idx, pos, kstart, lse2, delta, dq, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), do.stride(0),
                 do.stride(1), dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale,
                 scale * LOG2E, lp, **consts, **LAUNCH["dq"],
@@ -292,7 +294,7 @@ class _SelectedAttention(torch.autograd.Function):
                     dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], NB, scale, scale * LOG2E, lp, **consts,
                     **LAUNCH["dkv"],
                 )
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def sel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
@@ -304,10 +306,37 @@ def sel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: 
     """
     T = q.shape[0]
     lengths = seq_lengths(cu_seqlens, T)
-    pos, _ = token_position(cu_seqlens, T, q.device)
+    pos, start = token_position(cu_seqlens, T, q.device)
     idx = unique_blocks(block_idx)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _SelectedAttention.apply(q, k, v, idx, pos, lengths, cfg.softmax_scale(q.shape[-1]), cfg.sel_block)
+    return _SelectedAttention.apply(q, k, v, idx, pos, start.to(torch.int64), lengths,
+                                    cfg.softmax_scale(q.shape[-1]), cfg.sel_block)
 
 
-__all__ = ["DKV_SEGMENT", "sel_attention", "unique_blocks"]
+@torch.no_grad()
+def sel_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                         cfg: "NSAConfig", pos: torch.Tensor, k_start: torch.Tensor) -> torch.Tensor:
+    """Forward only, for decode. q: (B, Hq, Dk), one query per sequence at local position
+    pos[b]; k: (S, Hkv, Dk), v: (S, Hkv, Dv) hold sequence b's keys from row k_start[b];
+    block_idx: (B, Hkv, n) -> (B, Hq, Dv). Same rules as ``sel_attention``."""
+    B, Hq, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    o = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return o
+    idx = unique_blocks(block_idx)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    pos = pos.to(device=q.device, dtype=torch.int32).contiguous()
+    k_start = k_start.to(device=q.device, dtype=torch.int64).contiguous()
+    lse2 = torch.empty(B, Hq, dtype=acc_dtype(q.dtype), device=q.device)
+    dims, consts = _geometry(q, k, v, cfg.sel_block, idx.shape[-1])
+    _sel_fwd_kernel[(B, Hkv)](
+        q, k, v, idx, pos, k_start, o, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
+        dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], cfg.softmax_scale(q.shape[-1]) * LOG2E,
+        cfg.sel_block, **consts, **LAUNCH["fwd"],
+    )
+    return o
+
+
+__all__ = ["DKV_SEGMENT", "sel_attention", "sel_attention_decode", "unique_blocks"]

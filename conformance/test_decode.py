@@ -149,9 +149,11 @@ def test_decode_on_suite_backend(impl_under_test, nsa_device, nsa_dtype, hq, hkv
     base = None if nsa_dtype == torch.float64 else nsa_attention(*lo, cfg, cu, backend="reference")
     cache = NSACache(batch_size=B)
     dev = [x.to(nsa_device) for x in lo]
+    out = torch.empty_like(truth, dtype=nsa_dtype)
     with torch.no_grad():
         for t in range(T):
             rows = [b * T + t for b in range(B)]
-            out = decode_step(*[x[rows] for x in dev], cache, cfg, backend=backend)
-            A.assert_close(out.cpu(), truth[rows], None if base is None else base[rows], rule=RULE_DECODE,
-                           dtype=nsa_dtype, where=f"backend={backend} t={t} G={hq // hkv}")
+            out[rows] = decode_step(*[x[rows] for x in dev], cache, cfg, backend=backend).cpu()
+    # One verdict over every decoded position, as the other conformance tests judge whole outputs.
+    A.assert_close(out, truth, base, rule=RULE_DECODE, dtype=nsa_dtype, where=f"backend={backend} G={hq // hkv}",
+                   cu_seqlens=cu)

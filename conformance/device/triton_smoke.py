@@ -107,10 +107,30 @@ def variants(rows):
     rows.append(dict(T=T, work="cmp_lse_triton", ms=round(ms(lambda: scoring.cmp_lse(q, kc, cfg)), 3)))
     rows.append(dict(T=T, work="slc_scores_only", ms=round(ms(lambda: scoring.block_scores(q, kc, cfg, lse=lse)), 3)))
     rows.append(dict(T=T, work="select_with_lse", ms=round(ms(lambda: scoring.select_blocks(q, kc, cfg, lse=lse)), 3)))
-    for w in (2, 4, 8):
-        selected.LAUNCH["fwd"] = dict(num_warps=w)
-        rows.append(dict(T=T, work=f"sel_fwd_warps{w}", ms=round(ms(lambda: selected.sel_attention(q, k, v, idx, cfg)), 3)))
+    for w, st in ((2, None), (4, None), (8, None), (4, 1), (4, 2), (4, 3), (4, 4)):
+        selected.LAUNCH["fwd"] = dict(num_warps=w) if st is None else dict(num_warps=w, num_stages=st)
+        rows.append(dict(T=T, work=f"sel_fwd_warps{w}_stages{st or 'default'}",
+                         ms=round(ms(lambda: selected.sel_attention(q, k, v, idx, cfg)), 3)))
     selected.LAUNCH["fwd"] = base
+    tuning = dict(scoring.TUNING)
+    for key, values in (("score_warps", (4, 8)), ("score_stages", (2, 3, 4)), ("topn_chunk", (128, 256, 512, 1024)),
+                        ("topn_warps", (1, 2, 4, 8))):
+        for val in values:
+            scoring.TUNING.update(tuning)
+            scoring.TUNING[key] = val
+            rows.append(dict(T=T, work=f"select_{key}{val}", ms=round(ms(lambda: scoring.select_blocks(q, kc, cfg, lse=lse)), 3)))
+    scoring.TUNING.update(tuning)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    lb = {key: dict(val) for key, val in selected.LAUNCH.items()}
+    for part, w in (("dq", 2), ("dq", 8), ("dkv", 2), ("dkv", 8), ("dq", 4)):
+        selected.LAUNCH.update({key: dict(val) for key, val in lb.items()})
+        selected.LAUNCH[part] = dict(num_warps=w)
+
+        def fb():
+            torch.autograd.backward(selected.sel_attention(qg, kg, vg, idx, cfg), do)
+        rows.append(dict(T=T, work=f"sel_fwd_bwd_{part}_warps{w}", ms=round(ms(fb), 3)))
+    selected.LAUNCH.update(lb)
     for r in rows:
         print(json.dumps(r), flush=True)
 

@@ -3,7 +3,7 @@ attention (forward and backward). Imported lazily: nothing here loads Triton unt
 
 ``unavailable_reason(x)`` says why these kernels cannot run on tensor ``x`` (None when they can):
 Triton must import, and ``x`` must live on a CUDA GPU of compute capability >= 8.0, or on the
-CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, meant for tests).
+CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, meant for tests, fp32/fp64 only).
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
         return f"dtype {x.dtype} has no Triton path (fp16, bf16, fp32, fp64)"
     if x.device.type == "cpu":
         if interpreting():
+            if x.dtype in (torch.float16, torch.bfloat16):
+                # Measured with Triton 3.9's interpreter: bf16 selected attention off by ~8e8.
+                return (f"dtype {x.dtype} under TRITON_INTERPRET=1: Triton's CPU interpreter computes 16-bit "
+                        "kernels wrongly; use fp32 or fp64 on the CPU, or run on a GPU")
             return None
         return "inputs on cpu: the Triton kernels need CUDA (or TRITON_INTERPRET=1 for the slow interpreter)"
     if x.device.type != "cuda":

@@ -213,9 +213,13 @@ def _geometry(q: torch.Tensor, Hkv: int) -> tuple[int, int, int]:
     return G, GP, BT
 
 
+#: Launch parameters (H100 sweep in artifacts/2026-11-25/triton_sel/triton_variants.csv).
+TUNING = {"score_warps": 8, "score_stages": 2, "topn_chunk": 256, "topn_warps": 1}
+
+
 def _launch_opts(Dk: int) -> dict:
     """Pipelining depth and warps by head dim (192/256-wide tiles leave room for 2 stages)."""
-    return dict(num_warps=8, num_stages=3 if Dk <= 128 else 2)
+    return dict(num_warps=TUNING["score_warps"], num_stages=TUNING["score_stages"] if Dk <= 128 else 2)
 
 
 def cmp_lse(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
@@ -309,7 +313,7 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
     G, GP, BT = _geometry(q, Hkv)
     table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
     NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1 (Triton 3.6 fails to compile it)
-    BN = max(NP, min(256, next_pow2(nb_max)))
+    BN = max(NP, min(TUNING["topn_chunk"], next_pow2(nb_max)))
     for a, b in _chunks(tiles, BT, Hkv * nb_max):
         row_base = tiles[a][0]
         last = tiles[b - 1]
@@ -329,6 +333,7 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
         _topn_kernel[(rows, Hkv)](
             scores, out, pos, row_base, scores.stride(0), scores.stride(1), out.stride(0),
             out.stride(1), cfg.n_sel, cfg.n_init, cfg.n_local, cfg.sel_block, NP=NP, BN=BN,
+            num_warps=TUNING["topn_warps"],
         )
     return out
 

@@ -92,7 +92,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
 
 @triton.jit
 def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
-                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sd_t, sd_h,
+                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sd_t, sd_h, sdq_t, sdq_h,
                    Hq, G, Dk, Dv, n_sel, scale, scale_log2, SEL_BLOCK,
                    GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
@@ -124,7 +124,7 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=ACC)
-    tl.store(DQ + t * sq_t + head[:, None] * sq_h + dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=gm[:, None] & (dk < Dk)[None, :])
+    tl.store(DQ + t * sdq_t + head[:, None] * sdq_h + dk[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=gm[:, None] & (dk < Dk)[None, :])
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def unique_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 
 
 #: Launch options per kernel (tuned on an H100, artifacts/2026-11-25/triton_sel).
-LAUNCH = {"fwd": dict(num_warps=4), "dq": dict(num_warps=4), "dkv": dict(num_warps=4)}
+LAUNCH = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4), "dkv": dict(num_warps=4)}
 
 
 def _geometry(q, k, v, lp: int, n_sel: int):
@@ -275,14 +275,14 @@ class _SelectedAttention(torch.autograd.Function):
         do = do.contiguous()
         acc = acc_dtype(q.dtype)
         delta = (do.to(acc) * o.to(acc)).sum(-1).contiguous()
-        dq = torch.empty_like(q)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # dense, whatever q's strides
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         if T:
             _sel_dq_kernel[(T, Hkv)](
                 q, k, v, do, idx, pos, kstart, lse2, delta, dq, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), do.stride(0),
-                do.stride(1), dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale,
+                do.stride(1), dq.stride(0), dq.stride(1), dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale,
                 scale * LOG2E, lp, **consts, **LAUNCH["dq"],
             )
             segments, tokens, block_row0, block_len, NB = _reverse_index(idx, pos, ctx.lengths, lp)

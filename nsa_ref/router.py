@@ -4,7 +4,7 @@
 - ``sel`` (selected attention) and ``select`` (block scoring + top-n) take the Triton kernels
   (``nsa_ref.triton_kernels``) when they are enabled (NSA_USE_TRITON) and can run: inputs on a
   CUDA GPU of sm80+, fp16/bf16/fp32/fp64, head dims <= 256. On an H100 at 64K
-  tokens they are 19x (sel forward, 23x forward+backward) and 21x (select) faster than the
+  tokens they are 19.5x (sel forward, 23x forward+backward) and 32x (select) faster than the
   next path, measured in one sweep (artifacts/2026-11-25/triton_sel). Otherwise ``sel`` goes
   on to FA-2, and ``select`` runs the chunked torch scoring (path "torch").
 - ``cmp``, ``win`` and ``sel`` take FA-2 only when it is enabled, a provider is usable, the inputs

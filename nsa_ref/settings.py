@@ -7,7 +7,7 @@ Flags (all optional):
     NSA_USE_FA2_SEL=1        FA-2 varlen gather path for the selected branch (1.5x faster than
                              the SDPA gather on H100 from T=1K; see artifacts/2026-11-25/fa2_harden)
     NSA_USE_TRITON=1         Triton kernels for block selection and the selected branch (CUDA, sm80+;
-                             19-23x faster than the FA-2 gather / torch scoring on H100 at 64K)
+                             19-32x faster than the FA-2 gather / torch scoring on H100 at 64K)
     NSA_FA2_MIN_LEN_WIN      shortest sequence (tokens) routed to FA-2 for win; unset = tuned default
     NSA_FA2_MIN_LEN_CMP      same for cmp
     NSA_FA2_PREF_FP16=0      fp32 inputs are cast to fp16 (1) or bf16 (0) for FA-2

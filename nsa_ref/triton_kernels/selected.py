@@ -15,7 +15,9 @@ Backward, two kernels and no gradient held per query:
 
 Block lists are sorted and de-duplicated first (a repeated block counts once, -1 is ignored).
 fp32 inputs use IEEE fp32 dot products; fp16/bf16 use the tensor cores with fp32 accumulation;
-fp64 inputs (for gradcheck) accumulate in fp64.
+fp64 inputs (for gradcheck) accumulate in fp64; on a GPU their results
+differ from an fp64 reference by ~1e-8 relative (H100, as if exp2/log2 ran at fp32 precision),
+through Triton's CPU interpreter by rounding only.
 
 dK is accumulated transposed (q^T dS rather than dS^T q): with Triton 3.6 on an H100 the
 dS^T q form gave dK relative errors of 1.6e-2 for 16-bit inputs with head dim >= 128 (2.4e-3

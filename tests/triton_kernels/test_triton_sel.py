@@ -1,7 +1,7 @@
 """Triton selected attention (nsa_ref.triton_kernels.selected) against the exact reference.
 
 Pins: ``sel_attention``'s output and its gradients in q, k and v equal ``nsa_ref.reference.sel_attention``
-run in fp64 on the same inputs (relative error < 1e-5 for fp32 inputs, < 1e-10 for fp64), with
+run in fp64 on the same inputs (relative error < 1e-5 for fp32 inputs, < 1e-10 for fp64; 1e-7 on a GPU), with
 Dk != Dv, GQA groups of 1/3/4, varlen packs with an empty sequence; block lists as the router
 gives them and edited by hand (repeats count once, -1 anywhere is ignored, a block after the
 query's own contributes nothing, an empty list gives exactly 0 output and 0 gradient); random
@@ -224,7 +224,7 @@ for fn in (selected.sel_attention, reference.sel_attention):
     grads.append(torch.autograd.grad(out, x, do)[0])
 err = (grads[0] - grads[1]).abs().amax(dim=(1, 2))
 print("max |d fused - reference| per token:", [f"{e:.1e}" for e in err.tolist()])
-sys.exit(0 if bool(err.max() < 1e-10) else 1)
+sys.exit(0 if bool(err.max() < (1e-7 if dev == "cuda" else 1e-10)) else 1)
 """
 
 

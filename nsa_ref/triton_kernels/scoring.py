@@ -31,6 +31,7 @@ import triton.language as tl
 
 from nsa_ref import masks
 from nsa_ref.selection import top_blocks
+from nsa_ref.triton_kernels.dtypes import acc_dtype, dot_precision, tl_acc
 from nsa_ref.triton_kernels.layout import next_pow2, row_tiles, seq_lengths, token_position
 
 if TYPE_CHECKING:
@@ -46,12 +47,25 @@ SCORE_BUDGET = 1 << 28
 
 
 @triton.jit
-def _rows_and_q(Q, LSE, TILES, kvh, sq_t, sq_h, Hq, G, Dk,
+def _tile(TILES, BT: tl.constexpr, BLOCK_LEN, STRIDE):
+    """This program's row tile (a row of ``layout.row_tiles``): first packed row, first local
+    position, sequence length, first compressed row, and how many compressed blocks its last
+    row sees."""
+    T_ = TILES + tl.program_id(0) * 5
+    row0 = tl.load(T_ + 0)
+    pos0 = tl.load(T_ + 1)
+    seqlen = tl.load(T_ + 2)
+    cbase = tl.load(T_ + 3)
+    tc = tl.load(T_ + 4)
+    last = tl.minimum(pos0 + BT, seqlen) - 1
+    n_vis = tl.minimum(tl.maximum(last - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, tc)
+    return row0, pos0, seqlen, cbase, n_vis
+
+
+@triton.jit
+def _rows_and_q(Q, row0, pos0, seqlen, kvh, sq_t, sq_h, Hq, G, Dk,
                 GP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """Rows r = t * GP + g of one tile: q (BT*GP, BD), lse, local position and validity per row."""
-    row0 = tl.load(TILES + 0)
-    pos0 = tl.load(TILES + 1)
-    seqlen = tl.load(TILES + 2)
+    """Rows r = t * GP + g of one tile: q (BT*GP, BD), local position, validity and lse offset per row."""
     r = tl.arange(0, BT * GP)
     tt = r // GP
     gg = r % GP
@@ -65,28 +79,32 @@ def _rows_and_q(Q, LSE, TILES, kvh, sq_t, sq_h, Hq, G, Dk,
 
 
 @triton.jit
+def _cmp_tile_scores(q, KC, cbase, i0, n_vis, kvh, pos, sk_t, sk_h, Dk, scale_log2, BLOCK_LEN, STRIDE,
+                     BC: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Compressed blocks i0..i0+BC-1: their indices, the scores q . k_cmp (rows, BC) in log2 units,
+    and which (row, block) pairs are visible (the block ended at or before the row's position)."""
+    d = tl.arange(0, BD)
+    ci = i0 + tl.arange(0, BC)
+    kc = tl.load(KC + (cbase + ci)[:, None].to(tl.int64) * sk_t + kvh * sk_h + d[None, :],
+                 mask=(ci < n_vis)[:, None] & (d < Dk)[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kc), input_precision=PREC, out_dtype=ACC) * scale_log2
+    vis = (ci[None, :] * STRIDE + BLOCK_LEN - 1 <= pos[:, None]) & (ci < n_vis)[None, :]
+    return ci, s, vis
+
+
+@triton.jit
 def _cmp_lse_kernel(Q, KC, LSE, TILES, sq_t, sq_h, sk_t, sk_h, Hq, G, Dk, scale_log2,
                     BLOCK_LEN, STRIDE,
                     GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                     PREC: tl.constexpr, ACC: tl.constexpr):
-    tile = tl.program_id(0)
     kvh = tl.program_id(1)
-    T_ = TILES + tile * 5
-    q, pos, valid, lse_off = _rows_and_q(Q, LSE, T_, kvh, sq_t, sq_h, Hq, G, Dk, GP, BT, BD)
-    seqlen = tl.load(T_ + 2)
-    cbase = tl.load(T_ + 3)
-    tc = tl.load(T_ + 4)
-    last = tl.minimum(tl.load(T_ + 1) + BT, seqlen) - 1
-    n_vis = tl.minimum(tl.maximum(last - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, tc)
-    d = tl.arange(0, BD)
+    row0, pos0, seqlen, cbase, n_vis = _tile(TILES, BT, BLOCK_LEN, STRIDE)
+    q, pos, valid, lse_off = _rows_and_q(Q, row0, pos0, seqlen, kvh, sq_t, sq_h, Hq, G, Dk, GP, BT, BD)
     m_i = tl.full([BT * GP], float("-inf"), ACC)
     l_i = tl.zeros([BT * GP], ACC)
     for i0 in range(0, n_vis, BC):
-        ci = i0 + tl.arange(0, BC)
-        kc = tl.load(KC + (cbase + ci)[:, None].to(tl.int64) * sk_t + kvh * sk_h + d[None, :],
-                     mask=(ci < n_vis)[:, None] & (d < Dk)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC, out_dtype=ACC) * scale_log2
-        vis = (ci[None, :] * STRIDE + BLOCK_LEN - 1 <= pos[:, None]) & (ci < n_vis)[None, :]
+        ci, s, vis = _cmp_tile_scores(q, KC, cbase, i0, n_vis, kvh, pos, sk_t, sk_h, Dk, scale_log2,
+                                      BLOCK_LEN, STRIDE, BC, BD, PREC, ACC)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -102,31 +120,19 @@ def _slc_scores_kernel(Q, KC, LSE, OUT, TILES, sq_t, sq_h, sk_t, sk_h, so_t, so_
                        GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                        R: tl.constexpr, RW: tl.constexpr, S: tl.constexpr, ALIGNED: tl.constexpr,
                        PREC: tl.constexpr, ACC: tl.constexpr):
-    tile = tl.program_id(0)
     kvh = tl.program_id(1)
-    T_ = TILES + tile * 5
-    q, pos, valid, lse_off = _rows_and_q(Q, LSE, T_, kvh, sq_t, sq_h, Hq, G, Dk, GP, BT, BD)
-    row0 = tl.load(T_ + 0)
-    pos0 = tl.load(T_ + 1)
-    seqlen = tl.load(T_ + 2)
-    cbase = tl.load(T_ + 3)
-    tc = tl.load(T_ + 4)
+    row0, pos0, seqlen, cbase, n_vis = _tile(TILES, BT, BLOCK_LEN, STRIDE)
+    q, pos, valid, lse_off = _rows_and_q(Q, row0, pos0, seqlen, kvh, sq_t, sq_h, Hq, G, Dk, GP, BT, BD)
     # Rows outside the tile get lse = +inf, so their p is exactly 0.
     lse2 = tl.load(LSE + lse_off, mask=valid, other=float("inf")) * 1.4426950408889634
-    last = tl.minimum(pos0 + BT, seqlen) - 1
-    n_vis = tl.minimum(tl.maximum(last - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, tc)
-    d = tl.arange(0, BD)
     t_loc = tl.arange(0, BT)
     t_pos = pos0 + t_loc
     t_ok = t_pos < seqlen
     out_rows = OUT + (row0 - row_base + t_loc)[:, None].to(tl.int64) * so_t + kvh * so_h
     m = tl.arange(0, R if ALIGNED else 1)
     for i0 in range(0, n_vis, BC):
-        ci = i0 + tl.arange(0, BC)
-        kc = tl.load(KC + (cbase + ci)[:, None].to(tl.int64) * sk_t + kvh * sk_h + d[None, :],
-                     mask=(ci < n_vis)[:, None] & (d < Dk)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(kc), input_precision=PREC, out_dtype=ACC) * scale_log2
-        vis = (ci[None, :] * STRIDE + BLOCK_LEN - 1 <= pos[:, None]) & (ci < n_vis)[None, :]
+        ci, s, vis = _cmp_tile_scores(q, KC, cbase, i0, n_vis, kvh, pos, sk_t, sk_h, Dk, scale_log2,
+                                      BLOCK_LEN, STRIDE, BC, BD, PREC, ACC)
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
         ps = tl.sum(tl.reshape(p, (BT, GP, BC)), 1)  # sum over the G heads of this KV head
         if ALIGNED:
@@ -179,19 +185,6 @@ def _topn_kernel(SC, IDX, POS, row_base, so_t, so_h, si_t, si_h, n_sel, n_init, 
     tl.store(IDX + row.to(tl.int64) * si_t + kvh * si_h + slot, out, mask=slot < n_sel)
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores (and lse) are fp64 for fp64 inputs, else fp32 (as ``nsa_ref.selection``)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _cells(cfg: "NSAConfig") -> tuple[int, int, int]:
     """-> (R, RW, S): cells of d tokens per selection block and per compression block, and how
     many selection blocks one compression block can touch."""
@@ -235,7 +228,7 @@ def cmp_lse(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
 def _lse_for_tiles(q, k_cmp, cfg, tiles) -> torch.Tensor:
     T, Hq, Dk = q.shape
     Hkv = k_cmp.shape[1]
-    lse = torch.full((T, Hq), float("-inf"), dtype=score_dtype(q.dtype), device=q.device)
+    lse = torch.full((T, Hq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     if T == 0 or not tiles:
         return lse
     q, k_cmp = _inner_contiguous(q), _inner_contiguous(k_cmp)
@@ -244,7 +237,7 @@ def _lse_for_tiles(q, k_cmp, cfg, tiles) -> torch.Tensor:
     _cmp_lse_kernel[(len(tiles), Hkv)](
         q, k_cmp, lse, table, q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         Hq, G, Dk, cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride,
-        GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), PREC=_prec(q.dtype), ACC=_acc(q.dtype), **_launch_opts(Dk),
+        GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype), **_launch_opts(Dk),
     )
     return lse
 
@@ -309,7 +302,7 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
     q, k_cmp = _inner_contiguous(q), _inner_contiguous(k_cmp)
     if lse is None:
         lse = _lse_for_tiles(q, k_cmp, cfg, tiles)
-    lse = lse.to(score_dtype(q.dtype)).contiguous()
+    lse = lse.to(acc_dtype(q.dtype)).contiguous()
     G, GP, BT = _geometry(q, Hkv)
     table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
     NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1 (Triton 3.6 fails to compile it)
@@ -318,13 +311,13 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
         row_base = tiles[a][0]
         last = tiles[b - 1]
         rows = last[0] + min(BT, last[2] - last[1]) - row_base
-        scores = torch.zeros(rows, Hkv, nb_max, dtype=score_dtype(q.dtype), device=q.device)
+        scores = torch.zeros(rows, Hkv, nb_max, dtype=acc_dtype(q.dtype), device=q.device)
         _slc_scores_kernel[(b - a, Hkv)](
             q, k_cmp, lse, scores, table[a:b], q.stride(0), q.stride(1), k_cmp.stride(0),
             k_cmp.stride(1), scores.stride(0), scores.stride(1), row_base, Hq, G, Dk,
             cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride, cfg.sel_block,
             GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R),
-            PREC=_prec(q.dtype), ACC=_acc(q.dtype), **_launch_opts(Dk),
+            PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype), **_launch_opts(Dk),
         )
         if scores.dtype == torch.float64:
             # The int64 key packs a 32-bit score: fp64 scores take torch's stable sort instead.
@@ -340,7 +333,7 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
 
 def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
                  cu_seqlens: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk) -> p_slc (T, Hkv, nb_max) (``score_dtype``), candidates only
+    """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk) -> p_slc (T, Hkv, nb_max) (``dtypes.acc_dtype``), candidates only
     (entries j > t // l' are 0). For tests and diagnostics: holds every score at once."""
     T, Hq, Dk = q.shape
     Hkv = k_cmp.shape[1]
@@ -350,17 +343,17 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
         lse = cmp_lse(q, k_cmp, cfg, cu_seqlens)
     lengths = seq_lengths(cu_seqlens, T)
     nb_max = max((masks.num_sel_blocks(n, cfg) for n in lengths), default=0)
-    scores = torch.zeros(T, Hkv, nb_max, dtype=score_dtype(q.dtype), device=q.device)
+    scores = torch.zeros(T, Hkv, nb_max, dtype=acc_dtype(q.dtype), device=q.device)
     if T == 0:
         return scores
     G, GP, BT = _geometry(q, Hkv)
     tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
     table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
     _slc_scores_kernel[(len(tiles), Hkv)](
-        q, k_cmp, lse.to(score_dtype(q.dtype)).contiguous(), scores, table, q.stride(0), q.stride(1),
+        q, k_cmp, lse.to(acc_dtype(q.dtype)).contiguous(), scores, table, q.stride(0), q.stride(1),
         k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1), 0, Hq, G, Dk,
         cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride, cfg.sel_block,
-        GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R), PREC=_prec(q.dtype), ACC=_acc(q.dtype),
+        GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R), PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
             **_launch_opts(Dk),
     )
     return scores

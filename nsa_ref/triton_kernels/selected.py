@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_ref.triton_kernels.dtypes import acc_dtype, dot_precision, tl_acc
 from nsa_ref.triton_kernels.layout import next_pow2, seq_lengths, token_position
 
 if TYPE_CHECKING:
@@ -51,11 +52,8 @@ def _listed(idx_row, pos, n_sel, SEL_BLOCK, NP: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
-                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, so_t, so_h,
-                    Hq, G, Dk, Dv, n_sel, scale_log2, SEL_BLOCK,
-                    GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                    NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+def _query_group(Q, POS, KSTART, sq_t, sq_h, G, Dk, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """This program's token t and KV head, and the G query heads of the group as rows (GP, BDK)."""
     t = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     pos = tl.load(POS + t)
@@ -66,18 +64,39 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     q = tl.load(Q + t * sq_t + head[:, None] * sq_h + dk[None, :], mask=gm[:, None] & (dk < Dk)[None, :], other=0.0)
+    return t, kvh, pos, kstart, head, gm, dk, dv, q
+
+
+@triton.jit
+def _key_block(K, V, j, kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv, SEL_BLOCK,
+               BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """Selection block j of the sequence whose keys start at packed row kstart: which of its
+    keys are visible from position pos (s <= pos), and its K (BL, BDK) and V (BL, BDV) tiles."""
+    offs = tl.arange(0, BL)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kpos = j * SEL_BLOCK + offs
+    kmask = (offs < SEL_BLOCK) & (kpos <= pos)
+    rows = kstart + kpos  # packed rows of the keys
+    k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
+    v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
+    return kmask, k, v
+
+
+@triton.jit
+def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
+                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, so_t, so_h,
+                    Hq, G, Dk, Dv, n_sel, scale_log2, SEL_BLOCK,
+                    GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                    NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    t, kvh, pos, kstart, head, gm, dk, dv, q = _query_group(Q, POS, KSTART, sq_t, sq_h, G, Dk, GP, BDK, BDV)
     m_i = tl.full([GP], float("-inf"), ACC)
     l_i = tl.zeros([GP], ACC)
     acc = tl.zeros([GP, BDV], ACC)
-    offs = tl.arange(0, BL)
     idx_row = IDX + t * si_t + kvh * si_h
     for s in range(_listed(idx_row, pos, n_sel, SEL_BLOCK, NP)):
-        j = tl.load(idx_row + s)
-        kpos = j * SEL_BLOCK + offs
-        kmask = (offs < SEL_BLOCK) & (kpos <= pos)
-        rows = kstart + kpos  # packed rows of the keys
-        k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
-        v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
+        kmask, k, v = _key_block(K, V, tl.load(idx_row + s), kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv,
+                                 SEL_BLOCK, BL, BDK, BDV)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))  # finite: key j * l' <= t is always visible
@@ -98,29 +117,15 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
                    Hq, G, Dk, Dv, n_sel, scale, scale_log2, SEL_BLOCK,
                    GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                    NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    pos = tl.load(POS + t)
-    kstart = tl.load(KSTART + t).to(tl.int64)  # packed row of key position 0 of t's sequence
-    g = tl.arange(0, GP)
-    head = kvh * G + g
-    gm = g < G
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    q = tl.load(Q + t * sq_t + head[:, None] * sq_h + dk[None, :], mask=gm[:, None] & (dk < Dk)[None, :], other=0.0)
+    t, kvh, pos, kstart, head, gm, dk, dv, q = _query_group(Q, POS, KSTART, sq_t, sq_h, G, Dk, GP, BDK, BDV)
     do = tl.load(DO + t * sd_t + head[:, None] * sd_h + dv[None, :], mask=gm[:, None] & (dv < Dv)[None, :], other=0.0)
     lse2 = tl.load(LSE2 + t * Hq + head, mask=gm, other=float("inf"))
     delta = tl.load(DELTA + t * Hq + head, mask=gm, other=0.0)
     dq = tl.zeros([GP, BDK], ACC)
-    offs = tl.arange(0, BL)
     idx_row = IDX + t * si_t + kvh * si_h
     for s in range(_listed(idx_row, pos, n_sel, SEL_BLOCK, NP)):
-        j = tl.load(idx_row + s)
-        kpos = j * SEL_BLOCK + offs
-        kmask = (offs < SEL_BLOCK) & (kpos <= pos)
-        rows = kstart + kpos
-        k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
-        v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
+        kmask, k, v = _key_block(K, V, tl.load(idx_row + s), kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv,
+                                 SEL_BLOCK, BL, BDK, BDV)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
         p = tl.where(kmask[None, :], tl.exp2(sc - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
@@ -172,19 +177,6 @@ def _sel_dkv_kernel(Q, K, V, DO, POS, LSE2, DELTA, DK, DV, SEG, ENTRY_T, BLOCK_R
     tl.atomic_add(DV + rows[:, None] * sdv_t + kvh * sdv_h + dv[None, :], dv_acc, mask=lmask[:, None] & (dv < Dv)[None, :])
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator dtype: fp64 for fp64 inputs (so gradcheck can run on the kernels), else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def unique_blocks(block_idx: torch.Tensor) -> torch.Tensor:
     """block_idx: (T, Hkv, n) -> int32 (T, Hkv, n), sorted ascending, repeats and negatives -> -1
     (at the end). Selection is a set of blocks."""
@@ -207,7 +199,7 @@ def _geometry(q, k, v, lp: int, n_sel: int):
     G = Hq // Hkv
     return dict(Hq=Hq, G=G, Dk=Dk, Dv=Dv), dict(
         GP=next_pow2(G, 16), BL=next_pow2(lp, 16), BDK=next_pow2(Dk, 16), BDV=next_pow2(Dv, 16),
-        NP=next_pow2(n_sel), PREC=_prec(q.dtype), ACC=_tl(acc_dtype(q.dtype)),
+        NP=next_pow2(n_sel), PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
     )
 
 

@@ -112,6 +112,19 @@ def selected_block_mask(block_idx: torch.Tensor, num_blocks: int) -> torch.Tenso
     return member[..., :num_blocks]
 
 
+def unique_blocks(block_idx: torch.Tensor) -> torch.Tensor:
+    """block_idx: (..., n) int -> int32 (..., n): each list sorted ascending, repeats and negative
+    entries turned into -1 and moved to the end. Selection is a set of blocks; every fast path
+    walks lists in this form."""
+    idx = block_idx.to(torch.int64)
+    big = torch.iinfo(torch.int64).max
+    idx = torch.where(idx < 0, big, idx).sort(dim=-1).values
+    repeat = torch.zeros_like(idx, dtype=torch.bool)
+    repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
+    idx = torch.where(repeat, big, idx).sort(dim=-1).values
+    return torch.where(idx == big, -1, idx).to(torch.int32).contiguous()
+
+
 def sel_visible_mask(
     q_pos: torch.Tensor, k_pos: torch.Tensor, block_idx: torch.Tensor, cfg: "NSAConfig"
 ) -> torch.Tensor:

@@ -114,13 +114,6 @@ def cmp_attention(
     return varlen.cat_rows(outs, q, (Hq, v_cmp.shape[-1])), varlen.cat_rows(lses, q, (Hq,)).float()
 
 
-def _first_occurrence(block_idx: torch.Tensor) -> torch.Tensor:
-    """block_idx: (L, Hkv, n) -> (L, Hkv, n) bool, False where the same block appears earlier."""
-    same = block_idx[..., :, None] == block_idx[..., None, :]
-    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril(-1)
-    return ~(same & earlier).any(dim=-1)
-
-
 def sel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -147,8 +140,8 @@ def sel_attention(
     def run_chunk(a: int, s: int, e: int, nb: int, seqlen: int, q_chunk, k_seq, v_seq):
         # every loop value is an argument: checkpoint re-runs this after the loop has moved on
         L = e - s
-        idx = block_idx[a + s : a + e].long()  # (L, Hkv, n)
-        listed = (idx >= 0) & (idx < nb) & _first_occurrence(idx)
+        idx = masks.unique_blocks(block_idx[a + s : a + e]).long()  # (L, Hkv, n), repeats -> -1
+        listed = (idx >= 0) & (idx < nb)
         tok = idx[..., None] * lp + offsets  # (L, Hkv, n, l')
         t = torch.arange(s, e, device=q.device)[:, None, None, None]
         visible = (listed[..., None] & masks.causal_visible(t, tok)).reshape(L, Hkv, n * lp)

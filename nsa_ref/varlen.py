@@ -46,6 +46,22 @@ def seq_bounds(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, i
     return list(zip(values[:-1], values[1:]))
 
 
+def seq_lengths(cu_seqlens: torch.Tensor | None, total: int) -> list[int]:
+    """Host list of sequence lengths (one device sync when cu_seqlens lives on a GPU)."""
+    return [b - a for a, b in seq_bounds(cu_seqlens, total)]
+
+
+def token_positions(cu_seqlens: torch.Tensor | None, total: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (local position (T,), first packed row of the token's sequence (T,)) int64, computed on
+    ``device`` without a host sync."""
+    idx = torch.arange(total, device=device)
+    if cu_seqlens is None:
+        return idx, torch.zeros_like(idx)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    start = cu[torch.searchsorted(cu[1:], idx, right=True)]
+    return idx - start, start
+
+
 def cu_seqlens_from_lengths(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """lengths: B ints -> cu_seqlens (B+1,) int32."""
     cu = [0]

@@ -16,22 +16,12 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from nsa_ref import masks, varlen
 from nsa_ref.fa2.branches import _prepare, _scale
 from nsa_ref.fa2.providers import FA2Provider
 
 #: Upper bound on gathered (token, KV head, key) slots per chunk.
 GATHER_BUDGET = 1 << 24
-
-
-def _token_layout(cu_seqlens, T: int, device):
-    """-> (local position (T,), sequence start (T,)) int64 for every packed token."""
-    idx = torch.arange(T, device=device)
-    if cu_seqlens is None:
-        return idx, torch.zeros_like(idx)
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    seq = torch.searchsorted(cu[1:], idx, right=True)
-    start = cu[seq]
-    return idx - start, start
 
 
 def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Provider,
@@ -51,7 +41,7 @@ def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Prov
     qp, kp, vp = _prepare(q, k, v, pref_fp16)
     D = qp.shape[-1]
     scale = _scale(cfg, dk)
-    pos, start = _token_layout(cu_seqlens, T, q.device)
+    pos, start = varlen.token_positions(cu_seqlens, T, q.device)
     k_rows, v_rows = kp.reshape(T * Hkv, D), vp.reshape(T * Hkv, D)
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and kp.dtype != torch.float32:
         # A key row is gathered by many queries: gather from fp32 so its gradient sums in fp32.
@@ -61,11 +51,9 @@ def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Prov
     chunk = max(1, GATHER_BUDGET // (Hkv * n * lp))
     def run_chunk(a: int, b: int, q_chunk, k_all, v_all):
         C = b - a
-        idx, _ = block_idx[a:b].long().sort(dim=-1)
-        fresh = torch.ones_like(idx, dtype=torch.bool)
-        fresh[..., 1:] = idx[..., 1:] != idx[..., :-1]
+        idx = masks.unique_blocks(block_idx[a:b]).long()  # sorted, repeats and -1 -> -1
         tok = idx[..., None] * lp + offsets  # (C, Hkv, n, l') local token positions
-        valid = ((idx >= 0) & fresh)[..., None] & (tok <= pos[a:b, None, None, None])
+        valid = (idx >= 0)[..., None] & (tok <= pos[a:b, None, None, None])
         rows = ((tok + start[a:b, None, None, None]) * Hkv + heads)[valid]  # packed by (t, KV head)
         counts = valid.sum(dim=(-1, -2)).reshape(-1)
         cu_k = torch.zeros(C * Hkv + 1, dtype=torch.int32, device=q.device)

@@ -30,9 +30,10 @@ import triton
 import triton.language as tl
 
 from nsa_ref import masks
+from nsa_ref.varlen import seq_lengths, token_positions
 from nsa_ref.selection import top_blocks
 from nsa_ref.triton_kernels.dtypes import acc_dtype, dot_precision, tl_acc
-from nsa_ref.triton_kernels.layout import next_pow2, row_tiles, seq_lengths, token_position
+from nsa_ref.triton_kernels.layout import next_pow2, row_tiles
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -273,7 +274,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     lengths = seq_lengths(cu_seqlens, T)
     _, _, BT = _geometry(q, k_cmp.shape[1])
     tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
-    pos, _ = token_position(cu_seqlens, T, q.device)
+    pos = token_positions(cu_seqlens, T, q.device)[0].to(torch.int32)
     nb_max = max((masks.num_sel_blocks(n, cfg) for n in lengths), default=0)
     return _select(q, k_cmp, cfg, tiles, pos, nb_max, lse)
 

@@ -33,7 +33,9 @@ import triton
 import triton.language as tl
 
 from nsa_ref.triton_kernels.dtypes import acc_dtype, dot_precision, tl_acc
-from nsa_ref.triton_kernels.layout import next_pow2, seq_lengths, token_position
+from nsa_ref.masks import unique_blocks
+from nsa_ref.triton_kernels.layout import next_pow2
+from nsa_ref.varlen import seq_lengths, token_positions
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -177,18 +179,6 @@ def _sel_dkv_kernel(Q, K, V, DO, POS, LSE2, DELTA, DK, DV, SEG, ENTRY_T, BLOCK_R
     tl.atomic_add(DV + rows[:, None] * sdv_t + kvh * sdv_h + dv[None, :], dv_acc, mask=lmask[:, None] & (dv < Dv)[None, :])
 
 
-def unique_blocks(block_idx: torch.Tensor) -> torch.Tensor:
-    """block_idx: (T, Hkv, n) -> int32 (T, Hkv, n), sorted ascending, repeats and negatives -> -1
-    (at the end). Selection is a set of blocks."""
-    idx = block_idx.to(torch.int64)
-    big = torch.iinfo(torch.int64).max
-    idx = torch.where(idx < 0, big, idx).sort(dim=-1).values
-    repeat = torch.zeros_like(idx, dtype=torch.bool)
-    repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
-    idx = torch.where(repeat, big, idx).sort(dim=-1).values
-    return torch.where(idx == big, -1, idx).to(torch.int32).contiguous()
-
-
 #: Launch options per kernel (tuned on an H100, artifacts/2026-11-25/triton_sel).
 LAUNCH = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4), "dkv": dict(num_warps=4)}
 
@@ -300,10 +290,11 @@ def sel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: 
     """
     T = q.shape[0]
     lengths = seq_lengths(cu_seqlens, T)
-    pos, start = token_position(cu_seqlens, T, q.device)
+    pos, start = token_positions(cu_seqlens, T, q.device)
+    pos = pos.to(torch.int32)
     idx = unique_blocks(block_idx)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _SelectedAttention.apply(q, k, v, idx, pos, start.to(torch.int64), lengths,
+    return _SelectedAttention.apply(q, k, v, idx, pos, start, lengths,
                                     cfg.softmax_scale(q.shape[-1]), cfg.sel_block)
 
 
@@ -333,4 +324,4 @@ def sel_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     return o
 
 
-__all__ = ["DKV_SEGMENT", "sel_attention", "sel_attention_decode", "unique_blocks"]
+__all__ = ["DKV_SEGMENT", "sel_attention", "sel_attention_decode"]

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton_testkit import REL_TOL, TINY, cu_of, qkv, rel_err
 
-from nsa_ref import NSAConfig, reference, selection
+from nsa_ref import NSAConfig, masks, reference, selection, varlen
 from nsa_ref.compress import compress
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
@@ -123,7 +123,7 @@ def test_sel_hand_edited_block_lists(selected, kdev, dtype):
 def test_unique_blocks_sorts_and_drops_repeats_and_negatives(selected):
     """(1, 2, 5) lists -> sorted, each block once, -1 at the end."""
     idx = torch.tensor([[[3, -1, 1, 3, 0], [-1, -1, -1, -1, -1]]], dtype=torch.int32)
-    got = selected.unique_blocks(idx)
+    got = masks.unique_blocks(idx)
     assert got.tolist() == [[[0, 1, 3, -1, -1], [-1, -1, -1, -1, -1]]] and got.dtype == torch.int32
 
 
@@ -183,13 +183,11 @@ def test_gradcheck_full(selected, kdev):
 def test_dkv_split_into_segments(selected, kdev, monkeypatch, dtype):
     """DKV_SEGMENT = 5: every key block's dK/dV sums over several programs (atomic adds), as blocks
     picked by > 256 tokens do at scale. q (40, 4, 24), k (40, 2, 24), v (40, 2, 16), scale 0.3."""
-    from nsa_ref.triton_kernels.layout import token_position
-
     cfg = TINY.model_copy(update={"scale": 0.3})
     monkeypatch.setattr(selected, "DKV_SEGMENT", 5)
     q, k, v = qkv(40, 4, 2, 24, 16, dtype, kdev, seed=5)
     idx = _selection(q, k, cfg)
-    segments, _, _, _, nb = selected._reverse_index(selected.unique_blocks(idx), token_position(None, 40, kdev)[0],
+    segments, _, _, _, nb = selected._reverse_index(masks.unique_blocks(idx), varlen.token_positions(None, 40, kdev)[0],
                                                     [40], cfg.sel_block)
     assert segments.shape[0] > 2 * nb, "some block is split"
     _check_sel(selected, q, k, v, idx, cfg, seed=5)

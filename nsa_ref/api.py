@@ -125,7 +125,7 @@ def select_blocks(
     check_cu(cu_seqlens, q)
     check_cmp_len(q, k_cmp, cfg, cu_seqlens)
     if lse is not None:
-        check_lse(lse, q)
+        check_lse(lse, q, cfg, cu_seqlens)
     return _select(q, k_cmp, cfg, cu_seqlens, backend, lse)
 
 

@@ -108,8 +108,9 @@ def check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig,
         )
 
 
-def check_lse(lse, q: torch.Tensor) -> None:
-    """lse: (T, Hq) floating, on q's device, no NaN and no +inf (-inf marks rows with nothing visible)."""
+def check_lse(lse, q: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
+    """lse: (T, Hq) floating, on q's device, no NaN and no +inf; -inf only on rows that see no
+    compressed block (t < l - 1): elsewhere it would make every probability infinite."""
     check_tensor("lse", lse, 2)
     if tuple(lse.shape) != tuple(q.shape[:2]):
         raise ValueError(f"lse must be (T, Hq) = {tuple(q.shape[:2])}, got {tuple(lse.shape)}")
@@ -117,10 +118,21 @@ def check_lse(lse, q: torch.Tensor) -> None:
         raise ValueError(f"lse must be on q's device, got {lse.device} vs {q.device}")
     if not lse.is_floating_point():
         raise ValueError(f"lse must be floating (natural log-sum-exp), got dtype={lse.dtype}")
+    pos, _ = varlen.token_positions(cu_seqlens, q.shape[0], lse.device)
+    sees_blocks = masks.num_visible_cmp_blocks(pos, cfg) > 0
     bad = torch.isnan(lse) | (lse == float("inf"))
+    lost = sees_blocks[:, None] & (lse == float("-inf"))
+    if not bool((bad | lost).any()):  # one device sync on the good path
+        return
     if bool(bad.any()):
         t, h = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"lse must be finite or -inf (rows with no visible block), got lse[{t}, {h}]={lse[t, h].item()}; "
             "FA-2 reports +inf for empty rows: convert it (nsa_ref's cmp paths already do)"
         )
+    t, h = (int(i) for i in lost.nonzero()[0])
+    raise ValueError(
+        f"lse[{t}, {h}] = -inf, but token {t} (position {int(pos[t])}) sees "
+        f"{int(masks.num_visible_cmp_blocks(pos[t], cfg))} compressed block(s): -inf is only for rows "
+        f"with none (position < block_len - 1 = {cfg.block_len - 1}); pass the lse of this q and k_cmp"
+    )

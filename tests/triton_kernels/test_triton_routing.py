@@ -164,13 +164,19 @@ def test_nsa_attention_triton_matches_reference(interpret_env, monkeypatch, kdev
         (lambda lse: lse[:, :-1], r"lse must be \(T, Hq\)"),
         (lambda lse: lse.index_fill(0, torch.tensor([3], device=lse.device), float("nan")), "lse must be finite"),
         (lambda lse: lse.index_fill(0, torch.tensor([5], device=lse.device), float("inf")), "lse must be finite"),
+        # TINY: block_len 8, stride 4, so token 11 sees 2 compressed blocks; -inf there would make
+        # every p infinite.
+        (lambda lse: lse.index_fill(0, torch.tensor([11], device=lse.device), float("-inf")),
+         r"lse\[11, 0\] = -inf, but token 11 \(position 11\) sees 2 compressed block"),
     ],
-    ids=["shape", "nan", "plus-inf"],
+    ids=["shape", "nan", "plus-inf", "minus-inf-on-a-seeing-row"],
 )
 def test_api_select_blocks_refuses_a_bad_lse(kdev, bad, match):
     """lse (T, Hq) from the cmp branch, broken: ValueError naming lse, whatever the backend."""
     q, kc = q_and_kcmp(20, 4, 2, 16, TINY, torch.float32, kdev)
     lse = reference.cmp_attention(q, kc, kc, TINY)[1]
+    api.select_blocks(q, kc, TINY, backend="auto", lse=lse)  # the unbroken lse (with its -inf rows) passes
+    telemetry.reset()
     for backend in ("triton", "auto"):
         with pytest.raises(ValueError, match=match):
             api.select_blocks(q, kc, TINY, backend=backend, lse=bad(lse))

@@ -17,6 +17,8 @@ Options (each has an ``NSA_CONFORMANCE_*`` environment fallback, see ``conforman
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 GPU_SKIP_REASON = (
@@ -174,6 +176,27 @@ def compress_impl(impl_under_test):
     return impl_under_test.compress
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One intra-op thread for one test, restored afterwards: tiny CPU tensors (and Triton's
+    interpreter) gain nothing from more, and on a shared 2-core machine extra threads made a
+    gradcheck 20x slower. Unit-test folders use it from an autouse fixture in their conftest."""
+    with _one_intra_op_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def nsa_cpu_threads(impl_under_test):
     """One intra-op thread while a conformance module runs on the CPU, restored afterwards.
@@ -181,17 +204,11 @@ def nsa_cpu_threads(impl_under_test):
     The tensors here are tiny and the brute force loops per query; extra threads only add
     synchronisation, and on a shared machine (more runnable threads than cores) they made the
     brute force 5-10x slower. Use with ``pytestmark = pytest.mark.usefixtures("nsa_cpu_threads")``."""
-    import torch
-
     if impl_under_test.device != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_intra_op_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,9 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    # These tensors are tiny: extra intra-op threads only contend for the shared CPUs (a full
-    # gradcheck ran 20x slower with 2 threads on a loaded 2-core machine than with 1).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_intra_op_thread(one_cpu_thread):
+    """Every test here runs with one intra-op thread (``conformance.plugin.one_cpu_thread``)."""
     yield
-    torch.set_num_threads(before)

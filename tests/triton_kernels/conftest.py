@@ -164,9 +164,6 @@ def selected():
 
 
 @pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    # Tiny tensors: extra intra-op threads only contend with the interpreter for the CPUs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_intra_op_thread(one_cpu_thread):
+    """Every test here runs with one intra-op thread (``conformance.plugin.one_cpu_thread``)."""
     yield
-    torch.set_num_threads(before)

@@ -172,29 +172,64 @@ def test_gradients(provider, branch, T, dtype):
         _check(name, dt, x, r, b, f"{branch} grad {name} {provider.name} T={T}")
 
 
+#: The calls nsa_attention makes to the router, one per branch (select = the block selection).
+NSA_BRANCHES = ("cmp", "select", "sel", "win")
+#: Shapes of test_full_nsa_through_router: G = 4 query heads per KV head, head dim 128.
+ROUTER_G, ROUTER_D = 4, 128
+
+
+def router_env(monkeypatch, provider_name: str) -> None:
+    """The environment test_full_nsa_through_router routes under: one FA-2 provider, and no
+    minimum length (the tuned thresholds would keep its short sequences on SDPA)."""
+    monkeypatch.setenv("NSA_FA2_PROVIDER", provider_name)
+    monkeypatch.setenv("NSA_FA2_MIN_LEN_WIN", "0")
+    monkeypatch.setenv("NSA_FA2_MIN_LEN_CMP", "0")
+
+
+def expected_nsa_paths(device, dtype, T: int, settings=None) -> set[tuple[str, str]]:
+    """{(branch, path)} the router's policy predicts for test_full_nsa_through_router's
+    nsa_attention(backend='auto') call: q (T, ROUTER_G * HKV, ROUTER_D), k, v (T, HKV, ROUTER_D)
+    in ``dtype``, default NSAConfig, on a device with facts ``device`` (nsa_ref.router.DeviceFacts).
+
+    Pure: needs no GPU (tests/routing/test_route_policy.py checks it on a faked H200).
+    """
+    from nsa_ref.router import expected_path
+
+    return {(branch, expected_path(branch, "auto", device=device, dtype=dtype, head_dims=(ROUTER_D, ROUTER_D),
+                                   tokens=T, heads=(ROUTER_G * HKV, HKV), cfg=_cfg(), settings=settings))
+            for branch in NSA_BRANCHES}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [97, 1025])
 def test_full_nsa_through_router(provider, T, dtype, monkeypatch):
-    """nsa_attention(backend='fa2' for cmp/win via the router) vs the fp64 reference.
+    """nsa_attention(backend='auto') vs the fp64 reference, each branch where the router sends it.
 
+    The paths taken (telemetry) must be the ones the router's policy predicts for this device
+    (``expected_nsa_paths``: FA-2 for cmp and win, Triton for sel and select where it can run),
+    and cmp and win must be on FA-2: this test is about FA-2 parity.
     With the default config every block is selectable for T <= 1024 (16 picks), so selection
     cannot flip between precisions and the comparison is exact in its rule.
     """
     from nsa_ref import nsa_attention, telemetry
+    from nsa_ref.router import DeviceFacts
 
-    monkeypatch.setenv("NSA_FA2_PROVIDER", provider.name)
-    # The tuned thresholds would keep these short sequences on SDPA; this test is about parity.
-    monkeypatch.setenv("NSA_FA2_MIN_LEN_WIN", "0")
-    monkeypatch.setenv("NSA_FA2_MIN_LEN_CMP", "0")
+    router_env(monkeypatch, provider.name)
     dt = DTYPES[dtype]
     cfg = _cfg()
-    q, k, v = _inputs(T, 4, 128, 128, dt)
+    q, k, v = _inputs(T, ROUTER_G, ROUTER_D, ROUTER_D, dt)
+    facts = DeviceFacts.of(q.device, dt)
+    expected = expected_nsa_paths(facts, dt, T)
+    assert {("cmp", "fa2"), ("win", "fa2")} <= expected, (
+        f"the router's policy keeps cmp/win off FA-2 on this device ({facts}): {sorted(expected)}")
     gen = torch.Generator(device="cuda").manual_seed(2)
     gates = torch.rand(T, q.shape[1], 3, device="cuda", generator=gen, dtype=torch.float64).to(dt)
     telemetry.reset()
     out = nsa_attention(q, k, v, gates, cfg, backend="auto")
     paths = {(b, p) for (b, p, _), n in telemetry.snapshot()["counts"].items()}
-    assert {("win", "fa2"), ("cmp", "fa2"), ("sel", "fa2")} <= paths, f"FA-2 not taken: {paths}"
+    assert paths == expected, (
+        f"paths taken {sorted(paths)} differ from the router's policy {sorted(expected)} for {facts}; "
+        f"reasons: {telemetry.snapshot()['counts']}")
     ref, base = _three(lambda a, b, c, g: nsa_attention(a, b, c, g, cfg, backend="reference"), (q, k, v, gates), dt)
     _check("out", dt, out, ref, base, f"nsa {provider.name} T={T}")
 

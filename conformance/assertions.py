@@ -16,21 +16,28 @@ from typing import Iterable
 
 import torch
 
-# The spec's rules, named once; tests pass these as ``rule=``.
-RULE_COMPRESS = "cmp compression (k_cmp[i] = mean k[i*d : i*d + l], Tc = floor((T - l)/d) + 1)"
-RULE_CMP = "cmp visibility (i*d + l - 1 <= t)"
-RULE_CMP_EMPTY = "cmp empty rows (t < l - 1: output exactly 0, lse -inf)"
-RULE_CMP_LSE = "cmp log-sum-exp (natural log over visible blocks; -inf on empty rows)"
-RULE_SELECT = "selection (overlap weights, GQA sum, forced init/local, top-n, ties to lower index)"
-RULE_SELECT_LAYOUT = "selection layout (int, (T, Hkv, n_sel), sorted ascending, -1 padded)"
-RULE_SEL = "sel attention (s in selected blocks and s <= t)"
-RULE_WIN = "sliding window (s in [max(0, t - w + 1), t])"
-RULE_GATE = "gated sum (o = g_cmp*o_cmp + g_sel*o_sel + g_win*o_win)"
-RULE_NSA = "full NSA (compress -> cmp -> select -> sel, win, gated sum)"
-RULE_VARLEN = "varlen (every rule per sequence; nothing crosses cu_seqlens)"
-RULE_CAUSAL = "causality (outputs at t do not depend on tokens after t)"
-RULE_FINITE = "no NaN/inf anywhere (outputs and gradients)"
-RULE_ZERO_GRAD = "empty rows have zero gradient"
+from conformance.nsa_rules import tag
+
+# The spec's rules (``conformance.nsa_rules``), as the "[ID] title" tags failures start with;
+# tests pass these as ``rule=``.
+RULE_COMPRESS = f"{tag('NSA-CMP-COUNT')} / {tag('NSA-CMP-MEAN')}"
+RULE_CMP = tag("NSA-CMP-VISIBLE")
+RULE_CMP_EMPTY = tag("NSA-CMP-EMPTY")
+RULE_CMP_LSE = tag("NSA-CMP-LSE")
+RULE_SELECT = f"{tag('NSA-SEL-SCORE')} / {tag('NSA-SEL-FORCED')} / {tag('NSA-SEL-TIES')}"
+RULE_SELECT_FORCED = tag("NSA-SEL-FORCED")
+RULE_SELECT_LAYOUT = tag("NSA-SEL-LAYOUT")
+RULE_SEL = tag("NSA-SEL-ATTN")
+RULE_WIN = tag("NSA-WIN")
+RULE_SCALE = tag("NSA-SCALE")
+RULE_GATE = tag("NSA-GATE")
+RULE_NSA = tag("NSA-FULL")
+RULE_VARLEN = tag("NSA-VARLEN")
+RULE_CAUSAL = tag("NSA-CAUSAL")
+RULE_FINITE = tag("NSA-FINITE")
+RULE_ZERO_GRAD = tag("NSA-CMP-EMPTY") + " (zero gradient)"
+RULE_GRAD = tag("NSA-GRAD")
+RULE_DECODE = tag("NSA-DECODE")
 
 DTYPE_NAMES = {
     torch.float64: "fp64",
@@ -110,6 +117,12 @@ def assert_zero_rows(x: torch.Tensor, rows: torch.Tensor, *, rule: str, where: s
         raise _fail(rule, where, f"{name} = {value:.3g} (must be exactly 0) at {_locate(flat, tuple(x.shape), cu_seqlens)}")
 
 
+#: What the reader of a tolerance failure can change, printed with every failure.
+TOLERANCE_FLAGS = ("the row follows the precision the implementation is judged at: the input dtype "
+                   "(--nsa-dtype) or, when coarser, its declared compute precision "
+                   "(capabilities.compute_dtype / --nsa-compute-dtype)")
+
+
 def lookup_rule(dtype: torch.dtype | str, quantity: str, head_dim: int | None = None):
     """``contracts.tolerances.lookup`` (imported here, not at module import)."""
     from contracts.tolerances import lookup
@@ -149,8 +162,11 @@ def assert_close(x: torch.Tensor, ref: torch.Tensor, base: torch.Tensor | None =
         flat = int(diff.flatten().argmax()) if diff.numel() else 0
         err = float(diff.max()) if diff.numel() else 0.0
         allowed = getattr(verdict, "allowed", float("nan"))
+        row = lookup_rule(dtype, quantity, head_dim)
         raise _fail(rule, where, f"max|{what}| = {err:.3g} at {_locate(flat, tuple(xs.shape), cu_seqlens)} "
-                    f"> allowed {allowed:.3g} [{dtype_name(dtype)} {quantity}: {verdict}]")
+                    f"> allowed {allowed:.3g} [{dtype_name(dtype)} {quantity}: {verdict}] "
+                    f"[tolerance row tolerances.yaml rules.{row.dtype}.{row.quantity}: m={row.m:g} c={row.c:g} "
+                    f"floor={row.floor:g}; {TOLERANCE_FLAGS}]")
 
 
 def assert_equal(x: torch.Tensor, ref: torch.Tensor, *, rule: str, where: str = "", name: str = "out",

@@ -14,21 +14,15 @@ from typing import Any
 
 import torch
 
+from conformance.families import FAMILIES, SMALL_CFG, SMALL_TIED_CFG, family_of  # noqa: F401 (re-exported)
+
 # Default config: paper §4.1 (l=32, d=16, l'=64, n=16 with 1 init + 2 local, w=512).
 DEFAULT_CFG: tuple[tuple[str, Any], ...] = ()
-# Small config with the same structure, for varlen, causality, gradcheck and property tests:
-# blocks of 8 with stride 4, selection blocks of 16, 3 picks (1 init + 1 local + 1 by score),
-# window 16. Every rule is exercised at a few dozen tokens.
-SMALL_CFG: tuple[tuple[str, Any], ...] = (
-    ("block_len", 8), ("block_stride", 4), ("sel_block", 16),
-    ("n_sel", 3), ("n_init", 1), ("n_local", 1), ("window", 16),
-)
+#: NSAConfig's defaults for the fields a case may override (kept equal to nsa_ref.NSAConfig:
+#: tests/conformance checks it), so capabilities can be judged without importing nsa_ref.
+CFG_DEFAULTS: dict[str, Any] = dict(block_len=32, block_stride=16, sel_block=64, n_sel=16, n_init=1,
+                                    n_local=2, window=512, scale=None)
 
-# Odd sizes around the default block length l = 32: empty, all-empty-cmp, first visible block,
-# one block past it, an odd length and one past a power of two (window 512 and 17 sel blocks).
-DEFAULT_T = (1, 30, 31, 32, 97, 1025)
-# (Hq, Hkv): G = 1, 2 and the paper's 16.
-HEADS = ((2, 2), (4, 2), (16, 1))
 # Dk != Dv as in the paper (192 / 128), kept small; multiples of 8 so a GPU kernel can run them.
 DK, DV = 24, 16
 
@@ -57,6 +51,16 @@ class Case:
     def G(self) -> int:
         return self.hq // self.hkv
 
+    def cfg_fields(self) -> dict[str, Any]:
+        """Every config field of this case (defaults filled in), as a plain dict."""
+        out = dict(CFG_DEFAULTS)
+        out.update(dict(self.cfg))
+        return out
+
+    @property
+    def family(self) -> str:
+        return family_of(self.cfg)
+
     def config(self):
         """The ``nsa_ref.NSAConfig`` of this case (imported lazily: nsa_ref is CPU-safe)."""
         from nsa_ref import NSAConfig
@@ -73,8 +77,9 @@ class Case:
         if self.label:
             return self.label
         shape = ("L=" + ",".join(map(str, self.lengths))) if self.varlen else f"T={self.total}"
-        cfg = "default" if not self.cfg else "cfg(" + ",".join(f"{k}={v}" for k, v in self.cfg) + ")"
-        return f"{shape}-G={self.G}-Hq={self.hq}-Dk={self.dk}-Dv={self.dv}-{cfg}"
+        fam = self.family
+        cfg = fam if fam != "custom" else "cfg(" + ",".join(f"{k}={v}" for k, v in self.cfg) + ")"
+        return f"{cfg}-{shape}-G={self.G}-Hq={self.hq}-Dk={self.dk}-Dv={self.dv}"
 
     def __str__(self) -> str:
         return self.id
@@ -84,21 +89,25 @@ def single(T: int, hq: int, hkv: int, cfg=DEFAULT_CFG, **kw) -> Case:
     return Case(lengths=(T,), hq=hq, hkv=hkv, cfg=tuple(cfg), **kw)
 
 
-def default_cases():
-    """Default config, T in DEFAULT_T x G in {1, 2, 16}, Dk != Dv, as pytest params.
+def family_cases(dk: int = DK, dv: int = DV, families=None, slow: bool = True) -> list:
+    """Every config family (``conformance.families``) x its shapes, as pytest params.
 
-    T = 1025 with G = 16 is marked ``slow`` (10-20 s for sel/nsa through nsa_ref's CPU SDPA
-    path); T = 1025 with G = 1 and 2 stays in the default run, so the 512-token window and the
-    17th selection block are always covered."""
+    Shapes whose brute force takes seconds on a CPU are marked ``slow`` (run with ``-m slow``);
+    ``slow=False`` leaves them out."""
     import pytest
 
     params = []
-    for T in DEFAULT_T:
-        for hq, hkv in HEADS:
-            case = single(T, hq, hkv)
-            marks = [pytest.mark.slow] if T >= 1025 and hq // hkv >= 16 else []
-            params.append(pytest.param(case, id=case.id, marks=marks))
+    for fam in (FAMILIES.values() if families is None else (FAMILIES[f] for f in families)):
+        for shapes, marks in ((fam.shapes, []), (fam.slow if slow else (), [pytest.mark.slow])):
+            for T, hq, hkv in shapes:
+                case = single(T, hq, hkv, fam.cfg, dk=dk, dv=dv)
+                params.append(pytest.param(case, id=case.id, marks=marks))
     return params
+
+
+def default_cases():
+    """The family grid with Dk != Dv (24 / 16): the case list of the branch and full-NSA tests."""
+    return family_cases()
 
 
 def as_params(cases) -> list:
@@ -109,8 +118,13 @@ def as_params(cases) -> list:
 
 
 def small_cases() -> list[Case]:
-    """Small config, odd lengths crossing every block boundary of interest."""
-    return [single(T, hq, hkv, SMALL_CFG, dk=13, dv=7) for T in (1, 7, 8, 9, 37) for hq, hkv in HEADS[:2]]
+    """Small configs (strided and tied), odd lengths crossing every block boundary of interest,
+    odd head dims (13 / 7)."""
+    strided = [single(T, hq, hkv, SMALL_CFG, dk=13, dv=7) for T, hq, hkv in
+               ((1, 2, 2), (7, 4, 2), (9, 16, 1), (37, 4, 2))]
+    tied = [single(T, hq, hkv, SMALL_TIED_CFG, dk=13, dv=7) for T, hq, hkv in
+            ((7, 16, 1), (9, 16, 1), (24, 32, 2), (37, 16, 1), (37, 2, 2))]
+    return strided + tied
 
 
 def varlen_case(lengths=VARLEN_LENGTHS, hq: int = 4, hkv: int = 2, cfg=SMALL_CFG, **kw) -> Case:
@@ -183,22 +197,28 @@ class Problem:
 
 
 @lru_cache(maxsize=128)
-def problem(case: Case, branch: str, dtype: torch.dtype = torch.float64) -> Problem:
+def problem(case: Case, branch: str, dtype: torch.dtype = torch.float64,
+            judged: torch.dtype | None = None) -> Problem:
     """Inputs and brute-force truth for ``branch`` in {"cmp", "select", "sel", "win", "nsa"}.
 
-    The discrete inputs (compressed keys, block indices) come from the fp64 truth and are fed to
-    the implementation, the truth and the baseline alike, so a branch is judged on its own."""
+    ``dtype``: what the implementation gets; ``judged``: the precision it is judged at (its
+    declared compute precision when coarser than ``dtype``, see ``ImplUnderTest.judged_dtype``;
+    default ``dtype``). The baseline is the brute force computed in ``judged`` from the very
+    values handed over. The discrete inputs (compressed keys, block indices) come from the fp64
+    truth and are fed to the implementation, the truth and the baseline alike, so a branch is
+    judged on its own."""
     from conformance import brute
 
+    judged = dtype if judged is None else judged
     cfg = case.config()
     x_lp = make_inputs(case, dtype)
     x = x_lp.double()
     _, parts = brute_truth(case)
-    same = dtype == torch.float64
+    same = dtype == torch.float64 and judged == torch.float64
 
     def both(fn, *tensors):
-        """(fn on the fp64 copies: the truth, fn on the low-precision tensors themselves: the base)."""
-        return fn(*(t.double() for t in tensors)), fn(*tensors)
+        """(fn on fp64 copies: the truth, fn on the copies in the judged precision: the base)."""
+        return fn(*(t.double() for t in tensors)), fn(*(t.to(judged) for t in tensors))
 
     cu = x.cu_seqlens
     if branch == "cmp":
@@ -212,7 +232,7 @@ def problem(case: Case, branch: str, dtype: torch.dtype = torch.float64) -> Prob
     if branch == "select":
         k_cmp = parts["k_cmp"].to(dtype)
         args = dict(q=x_lp.q, k_cmp=k_cmp, cu_seqlens=cu)
-        truth = parts["block_idx"] if same else brute.select_blocks(x.q, k_cmp.double(), cfg, cu)
+        truth = parts["block_idx"] if dtype == torch.float64 else brute.select_blocks(x.q, k_cmp.double(), cfg, cu)
         return Problem(args, truth, None)
     if branch == "sel":
         block_idx = parts["block_idx"]
@@ -237,6 +257,16 @@ def problem(case: Case, branch: str, dtype: torch.dtype = torch.float64) -> Prob
                            x_lp.q, x_lp.k, x_lp.v, x_lp.gates)
         return Problem(args, truth, base)
     raise ValueError(f"unknown branch {branch!r}; expected cmp, select, sel, win or nsa")
+
+
+def selection_free(case: Case) -> Case:
+    """The case with n_sel >= the number of selection blocks of its longest sequence: every block
+    is selected, so a near-tie flipped by rounding (below fp64) cannot change the output."""
+    from conformance import brute
+
+    g = brute.geometry(case.config())
+    nb = max([brute.num_sel_blocks(T, g) for T in case.lengths] + [1])
+    return case if g.n >= nb else case.with_cfg(n_sel=nb)
 
 
 def lengths_to_cu(lengths, device=None) -> torch.Tensor:
@@ -271,41 +301,64 @@ def property_settings(max_examples: int = 15):
     )
 
 
-def config_strategy():
-    """Hypothesis strategy of small valid NSAConfig keyword dicts (l multiple of d, l' multiple of d)."""
+def config_strategy(caps=None, slot: str = "nsa"):
+    """Hypothesis strategy of small valid NSAConfig keyword dicts (l multiple of d, l' multiple of
+    d), drawn only from what ``caps`` (``conformance.capabilities.Capabilities``) declares."""
     from hypothesis import strategies as st
+
+    from conformance.capabilities import ANYTHING, SLOT_FIELDS
+
+    caps = caps or ANYTHING
+    used = SLOT_FIELDS.get(slot, SLOT_FIELDS["nsa"])
+
+    def pick(allowed, default):
+        return st.sampled_from(list(allowed)) if allowed is not None else default
 
     @st.composite
     def build(draw):
-        d = draw(st.sampled_from([1, 2, 4]))
-        l = d * draw(st.integers(1, 3))
-        l_sel = d * draw(st.integers(1, 4))
-        n_init = draw(st.integers(0, 2))
-        n_local = draw(st.integers(0, 2))
-        n_sel = n_init + n_local + draw(st.integers(0, 3))
-        if n_sel == 0:
-            n_sel = 1
+        if caps.tied_blocks:
+            size = draw(pick(caps.block_sizes, st.sampled_from([2, 4, 8])))
+            d = l = l_sel = size
+        else:
+            d = draw(st.sampled_from([1, 2, 4]))
+            l = d * draw(st.integers(1, 3))
+            l_sel = d * draw(st.integers(1, 4))
+            if caps.block_sizes is not None:
+                d = l = l_sel = draw(st.sampled_from(list(caps.block_sizes)))
+        n_init = draw(pick(caps.n_init, st.integers(0, 2)))
+        n_local = draw(pick(caps.n_local, st.integers(0, 2)))
+        n_sel = max(n_init + n_local + draw(st.integers(0, 3)), caps.min_n_sel, 1)
         window = draw(st.integers(1, 20))
-        scale = draw(st.sampled_from([None, 0.3]))
+        scale = draw(st.sampled_from([None, 0.3] if caps.explicit_scale or "scale" not in used else [None]))
         return dict(block_len=l, block_stride=d, sel_block=l_sel, n_sel=n_sel, n_init=n_init,
                     n_local=n_local, window=window, scale=scale)
 
     return build()
 
 
-def case_strategy(max_len: int = 40, varlen: bool = False):
-    """Hypothesis strategy of small ``Case``s (random config, heads, dims, lengths, seed)."""
+def case_strategy(max_len: int = 40, varlen: bool = False, caps=None, slot: str = "nsa"):
+    """Hypothesis strategy of small ``Case``s (random config, heads, dims, lengths, seed) inside
+    the space ``caps`` declares for ``slot`` (group sizes, head dims, empty sequences)."""
     from hypothesis import strategies as st
+
+    from conformance.capabilities import ANYTHING
+
+    caps = caps or ANYTHING
+    groups = [g for g in (1, 2, 3, 4, 16, 32) if caps.min_group <= g and (caps.max_group is None or g <= caps.max_group)
+              and not (caps.group_power_of_two and g & (g - 1))][:3] or [caps.min_group]
+    step = caps.head_dim_multiple
+    top = max(step, min(caps.max_head_dim or 9 * step, 9 * step) // step * step)
 
     @st.composite
     def build(draw):
-        cfg = draw(config_strategy())
-        hkv = draw(st.integers(1, 2))
-        G = draw(st.sampled_from([1, 2, 3]))
-        dk = draw(st.integers(1, 9))
-        dv = draw(st.integers(1, 9))
+        cfg = draw(config_strategy(caps, slot))
+        G = draw(st.sampled_from(groups))
+        hkv = draw(st.integers(1, 2)) if G < 16 else 1
+        dk = draw(st.integers(1, top // step)) * step
+        dv = dk if caps.equal_head_dims else draw(st.integers(1, top // step)) * step
         if varlen:
-            lengths = tuple(draw(st.lists(st.integers(0, max_len // 2), min_size=1, max_size=4)))
+            lo = 0 if caps.empty_sequences else 1
+            lengths = tuple(draw(st.lists(st.integers(lo, max_len // 2), min_size=1, max_size=4)))
         else:
             lengths = (draw(st.integers(1, max_len)),)
         seed = draw(st.integers(0, 2**16))

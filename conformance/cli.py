@@ -1,8 +1,10 @@
 """``nsa-fa2``: the environment, the conformance check, the timing sweep and the probes, one command.
 
     nsa-fa2 env [--json]                  GPU, driver, CUDA, torch, FA-2 providers, NSA_* settings
-    nsa-fa2 check [--quick] [--impl MODULE:FUNCTION] [-k EXPR] [--out DIR] [-- PYTEST_ARGS...]
+    nsa-fa2 check [--quick] [--impl MODULE:FUNCTION] [--nsa-dtype D] [--nsa-device DEV]
+                  [--nsa-compute-dtype D] [--nsa-cap KEY=VALUE] [-k EXPR] [--out DIR] [-- PYTEST_ARGS...]
                                           run the conformance suite, write a Markdown + JSON report
+                                          and the per-rule report (DIR/rules/report.md + .json)
     nsa-fa2 bench [bench options]         the timing sweep (conformance.bench; needs CUDA)
     nsa-fa2 repro NAME [ARGS...]          run conformance/probes/NAME.py in its own process
     nsa-fa2 repro --list                  the probes there are
@@ -218,15 +220,84 @@ def plan_phases(cuda: bool, quick: bool, keyword: str | None) -> list[Phase]:
     return [Phase("cpu", None, _combine_k(quick_k, keyword))]
 
 
-def pytest_command(phase: Phase, target: Path, junit: Path, impl: str | None, extra: Sequence[str]) -> list[str]:
+def pytest_command(phase: Phase, target: Path, junit: Path, impl: str | None, extra: Sequence[str], *,
+                   report_dir: Path | None = None, nsa_flags: Sequence[str] = ()) -> list[str]:
+    """The pytest command line of one phase: selection, the per-rule report directory, the
+    implementation flags (``nsa_flags``, then ``--nsa-impl``), then the user's own pytest args."""
     cmd = [sys.executable, "-m", "pytest", str(target), "-q", "-p", "conformance.plugin", f"--junitxml={junit}"]
     if phase.marker:
         cmd += ["-m", phase.marker]
     if phase.keyword:
         cmd += ["-k", phase.keyword]
+    if report_dir is not None:
+        cmd.append(f"--nsa-report={report_dir}")
+    cmd += list(nsa_flags)
     if impl:
         cmd.append(f"--nsa-impl={impl}")
     return cmd + list(extra)
+
+
+def nsa_flags(args: argparse.Namespace) -> list[str]:
+    """The implementation options of ``check`` as the plugin's pytest flags."""
+    flags = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+             for name in ("nsa_dtype", "nsa_device", "nsa_compute_dtype") if getattr(args, name, None)]
+    return flags + [f"--nsa-cap={cap}" for cap in getattr(args, "nsa_cap", None) or []]
+
+
+def validate_nsa_flags(args: argparse.Namespace) -> None:
+    """Refuse bad ``--impl`` / dtype / ``--nsa-cap`` values before any pytest run starts."""
+    from conformance.capabilities import ANYTHING, parse_cap_flags
+    from conformance.impl import DTYPES, ImplLoadError, load_callable
+
+    if args.impl:
+        try:
+            load_callable(args.impl, "--impl")  # fail here with the reason, not inside pytest
+        except ImplLoadError as exc:
+            raise CLIError(str(exc)) from None
+    for name in ("nsa_dtype", "nsa_compute_dtype"):
+        value = getattr(args, name, None)
+        if value is not None and value not in DTYPES:
+            raise CLIError(f"--{name.replace('_', '-')}={value}: expected one of {', '.join(DTYPES)}")
+    try:
+        ANYTHING.with_overrides(parse_cap_flags(args.nsa_cap or []))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+# --- the per-rule report of the check ------------------------------------------------------------------
+
+RULES_DIR = "rules"
+
+
+def rule_report_dirs(out: Path, phases: list[Phase]) -> dict[str, Path]:
+    """Where each phase writes its per-rule report: ``out/rules`` for a single run, else
+    ``out/rules/<phase>`` (merged into ``out/rules`` afterwards). Stale reports are removed."""
+    rules = out / RULES_DIR
+    dirs = {ph.name: rules if len(phases) == 1 else rules / ph.name for ph in phases}
+    for folder in {rules, *dirs.values()}:
+        for name in ("report.json", "report.md"):
+            (folder / name).unlink(missing_ok=True)  # never show a previous run's verdicts
+    return dirs
+
+
+def collect_rule_report(out: Path, dirs: dict[str, Path]) -> dict[str, Any]:
+    """Merge the phases' per-rule reports into ``out/rules`` and summarize it for check_report."""
+    from conformance import rule_report
+
+    found = [json.loads((d / "report.json").read_text(encoding="utf-8"))
+             for d in dirs.values() if (d / "report.json").exists()]
+    rules = out / RULES_DIR
+    summary: dict[str, Any] = {"dir": RULES_DIR, "markdown": f"{RULES_DIR}/report.md",
+                               "json": f"{RULES_DIR}/report.json"}
+    if not found:
+        return {**summary, "written": False, "why": "no pytest run wrote a per-rule report (see the logs)"}
+    report = rule_report.merge_reports(found)
+    if len(dirs) > 1:  # a single run wrote its report into out/rules itself
+        rule_report.write_files(rules, report)
+    missing = [name for name, d in dirs.items() if not (d / "report.json").exists()]
+    return {**summary, "written": True, "rule_counts": report["rule_counts"], "totals": report["totals"],
+            "failed_rules": [r["id"] for r in report["rules"] if r["status"] == "failed"],
+            "phases_missing": missing}
 
 
 def _pump(stream, sinks) -> None:
@@ -326,8 +397,10 @@ def _tail(text: str, limit: int = 3000) -> str:
 
 
 def build_report(env: dict[str, Any], phases: list[Phase], cases_by_phase: dict[str, list[dict]],
-                 options: dict[str, Any], cuda: bool, started: str, duration_s: float) -> dict[str, Any]:
-    """The check's outcome as one JSON-able dict (the Markdown is rendered from it)."""
+                 options: dict[str, Any], cuda: bool, started: str, duration_s: float,
+                 rule_report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The check's outcome as one JSON-able dict (the Markdown is rendered from it);
+    ``rule_report`` is ``collect_rule_report``'s summary of the per-rule report."""
     counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "xfailed": 0}
     key = {"passed": "passed", "failed": "failed", "error": "errors", "skipped": "skipped", "xfailed": "xfailed"}
     failures, skips = [], {}
@@ -387,11 +460,36 @@ def build_report(env: dict[str, Any], phases: list[Phase], cases_by_phase: dict[
         "skipped": sorted(skips.values(), key=lambda s: -s["count"]),
         "not_run": not_run,
         "problems": problems,
+        "rule_report": rule_report,
     }
 
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _rule_report_md(summary: dict[str, Any] | None) -> list[str]:
+    """The check report's pointer to the per-rule report (rule -> passed / failed / not applicable)."""
+    if summary is None:
+        return []
+    lines = ["", "## Per-rule report", ""]
+    if not summary.get("written"):
+        return lines + [f"Not written: {summary.get('why', 'unknown reason')}."]
+    rc, t = summary["rule_counts"], summary["totals"]
+    fraction = "n/a" if t["applicable_fraction"] is None else f"{100 * t['applicable_fraction']:.1f}%"
+    lines += [f"[`{summary['markdown']}`]({summary['markdown']}) (and `{summary['json']}`): each NSA rule "
+              "(Documentation/nsa_conformance_rules.md) as passed / failed / not applicable / not tested, with "
+              "the first failing example of each failed rule and a command that reproduces it.", "",
+              f"Rules: {rc['failed']} failed, {rc['passed']} passed, {rc['not applicable']} not applicable, "
+              f"{rc['not tested']} not tested. Conformance tests: {t['applicable']} applicable "
+              f"({t['passed']} passed, {t['failed']} failed), {t['not applicable']} not applicable "
+              f"(applicable fraction {fraction})."]
+    if summary["failed_rules"]:
+        lines += ["", "Failed rules: " + ", ".join(f"`{r}`" for r in summary["failed_rules"]) + "."]
+    if summary.get("phases_missing"):
+        missing = ", ".join(summary["phases_missing"])
+        lines += ["", f"Runs that wrote no per-rule report (see their logs): {missing}."]
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -439,6 +537,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("None.")
     for s in report["skipped"]:
         lines.append(f"- {s['count']} x {_md_escape(s['reason'])} (e.g. `{s['examples'][0]}`)")
+    lines += _rule_report_md(report.get("rule_report"))
     lines += ["", "## Not run here", ""]
     if not report["not_run"]:
         lines.append("Nothing: every part of the suite ran on this machine.")
@@ -465,13 +564,7 @@ def _prepare_out(out: str | None) -> Path:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    if args.impl:
-        from conformance.impl import ImplLoadError, load_callable
-
-        try:
-            load_callable(args.impl, "--impl")  # fail here with the reason, not inside pytest
-        except ImplLoadError as exc:
-            raise CLIError(str(exc)) from None
+    validate_nsa_flags(args)
     target = Path(args.target) if args.target else suite_dir()
     if not target.exists():
         raise CLIError(f"--target {target}: no such file or directory")
@@ -483,11 +576,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     _say(f"nsa-fa2 check: {len(phases)} pytest run(s) on {'CUDA' if cuda else 'CPU only (GPU parts are skipped)'}"
          f"; reports -> {out}")
     cases_by_phase: dict[str, list[dict]] = {}
+    report_dirs = rule_report_dirs(out, phases)
     for i, ph in enumerate(phases, 1):
         junit, log = out / f"junit_{ph.name}.xml", out / f"pytest_{ph.name}.log"
         if junit.exists():
             junit.unlink()  # never read a previous run's results
-        ph.command = pytest_command(ph, target.resolve(), junit.resolve(), args.impl, args.pytest_args)
+        ph.command = pytest_command(ph, target.resolve(), junit.resolve(), args.impl, args.pytest_args,
+                                    report_dir=report_dirs[ph.name].resolve(), nsa_flags=nsa_flags(args))
         ph.junit, ph.log = junit.name, log.name
         _say(f"[{i}/{len(phases)}] {ph.name} part: {_show(ph.command)}")
         ph.returncode, ph.duration_s, ph.note = run_streaming(ph.command, log, echo=not args.quiet,
@@ -504,8 +599,10 @@ def cmd_check(args: argparse.Namespace) -> int:
              f"{len(done)} tests" + (f" ({ph.note})" if ph.note else ""))
     env = environment()
     options = {"quick": args.quick, "impl": args.impl, "k": args.k, "target": str(target),
-               "pytest_args": list(args.pytest_args)}
-    report = build_report(env, phases, cases_by_phase, options, cuda, started, time.monotonic() - t0)
+               "pytest_args": list(args.pytest_args), "nsa_dtype": args.nsa_dtype, "nsa_device": args.nsa_device,
+               "nsa_compute_dtype": args.nsa_compute_dtype, "nsa_cap": list(args.nsa_cap or [])}
+    rules = collect_rule_report(out, report_dirs)
+    report = build_report(env, phases, cases_by_phase, options, cuda, started, time.monotonic() - t0, rules)
     (out / "env.json").write_text(json.dumps(env, indent=2, default=str) + "\n", encoding="utf-8")
     (out / "check_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     (out / "check_report.md").write_text(render_markdown(report), encoding="utf-8")
@@ -517,6 +614,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for n in report["not_run"]:
         _say(f"  not run here: {n['part']}: {n['why']}")
     _say(f"  report: {out / 'check_report.md'} and {out / 'check_report.json'}")
+    if rules["written"]:
+        rc = rules["rule_counts"]
+        _say(f"  per-rule report: {out / rules['markdown']} ({rc['failed']} rules failed, {rc['passed']} passed, "
+             f"{rc['not applicable']} not applicable, {rc['not tested']} not tested)")
     return report["exit_code"]
 
 
@@ -612,6 +713,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(plus a few GPU cases on CUDA)")
     p_check.add_argument("--impl", metavar="MODULE:FUNCTION",
                          help="your NSA implementation, forwarded as --nsa-impl (fn(q, k, v, gates, cfg, cu_seqlens=None))")
+    p_check.add_argument("--nsa-dtype", metavar="DTYPE",
+                         help="input dtype for the implementation: fp64 (default), fp32, bf16, fp16")
+    p_check.add_argument("--nsa-device", metavar="DEV",
+                         help="device the implementation gets its tensors on (e.g. cuda)")
+    p_check.add_argument("--nsa-compute-dtype", metavar="DTYPE",
+                         help="precision the implementation computes in (verdicts use that tolerance row)")
+    p_check.add_argument("--nsa-cap", metavar="KEY=VALUE", action="append", default=[],
+                         help="one declared capability field, repeatable (e.g. --nsa-cap backward=false)")
     p_check.add_argument("-k", metavar="EXPR", help="pytest -k expression, combined with --quick by 'and'")
     p_check.add_argument("--out", metavar="DIR", help="report directory (default artifacts/<today>/check)")
     p_check.add_argument("--target", metavar="PATH", help="tests to run (default: the conformance suite)")

@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from conformance.capabilities import ANYTHING, Capabilities, declared
+
 SLOTS = ("nsa", "cmp", "sel", "win", "select", "compress")
 
 # Public function of nsa_ref behind each slot, and whether it takes ``backend=``.
@@ -53,6 +55,8 @@ ENV_VARS = {
     "backend": "NSA_CONFORMANCE_BACKEND",
     "device": "NSA_CONFORMANCE_DEVICE",
     "dtype": "NSA_CONFORMANCE_DTYPE",
+    "compute_dtype": "NSA_CONFORMANCE_COMPUTE_DTYPE",
+    "capabilities": "NSA_CONFORMANCE_CAPABILITIES",
 }
 
 DTYPES: dict[str, torch.dtype] = {
@@ -207,10 +211,25 @@ class ImplUnderTest:
     slots: dict
     device: str = "cpu"
     dtype_name: str = "fp64"
+    caps: dict = field(default_factory=dict)  # slot -> Capabilities (ANYTHING where none declared)
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
+
+    def capabilities(self, slot: str) -> Capabilities:
+        """What the implementation behind ``slot`` declares it supports."""
+        return self.caps.get(slot, ANYTHING)
+
+    def judged_dtype(self, slot: str) -> torch.dtype:
+        """The precision verdicts of ``slot`` are judged at (tolerance row and baseline): the
+        input dtype, or the declared compute precision when that is coarser."""
+        return DTYPES[self.capabilities(slot).judged_dtype(self.dtype_name)]
+
+    def not_applicable(self, slot: str, case=None, features=()) -> list[str]:
+        """Every reason a test of ``slot`` on ``case`` needing ``features`` is outside the
+        declared space (empty: the test applies)."""
+        return self.capabilities(slot).not_supported_reasons(case, slot, features, self.dtype_name)
 
     @property
     def user_given(self) -> list[str]:
@@ -240,22 +259,72 @@ class ImplUnderTest:
         lines = [f"nsa-conformance: implementation under test: {who}; device={self.device} dtype={self.dtype_name}"]
         width = max(len(n) for n in self.slots)
         for name, slot in self.slots.items():
-            lines.append(f"  {name:<{width}} -> {slot.describe()}")
+            caps = self.capabilities(name).summary()
+            lines.append(f"  {name:<{width}} -> {slot.describe()}" + (f"  [declares {', '.join(caps)}]" if caps else ""))
         return lines
 
 
 def build(specs: Mapping[str, str | None], backend: str = "auto", device: str = "cpu",
-          dtype: str = "fp64", validate: bool = True) -> ImplUnderTest:
+          dtype: str = "fp64", validate: bool = True, capabilities: str | None = None,
+          cap_overrides: Mapping[str, str] | None = None, compute_dtype: str | None = None) -> ImplUnderTest:
     """``specs``: slot -> "module:function" or None. ``validate`` loads user specs now so a typo
-    fails at start-up with one clear message instead of erroring every test."""
+    fails at start-up with one clear message instead of erroring every test.
+
+    Capabilities of a user slot: ``capabilities`` ("module:OBJ", a Capabilities object) when
+    given, else what its callable declares (``fn.capabilities``), else anything; then ``cap_overrides``
+    (``--nsa-cap KEY=VALUE``) and ``compute_dtype`` (``--nsa-compute-dtype``) on top. nsa_ref's
+    own slots support everything."""
     unknown = set(specs) - set(SLOTS)
     if unknown:
         raise ImplLoadError(f"unknown slot(s) {sorted(unknown)}; known: {', '.join(SLOTS)}")
     if dtype not in DTYPES:
         raise ImplLoadError(f"--nsa-dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if compute_dtype is not None and compute_dtype not in DTYPES:
+        raise ImplLoadError(f"--nsa-compute-dtype={compute_dtype!r}: expected one of {', '.join(DTYPES)}")
     slots = {name: Slot(name, specs.get(name) or None, backend) for name in SLOTS}
-    if validate:
-        for slot in slots.values():
-            if not slot.is_reference:
-                slot.resolve()
-    return ImplUnderTest(slots=slots, device=device, dtype_name=dtype)
+    base = None
+    if capabilities:
+        base = _load_object(capabilities)
+    caps: dict[str, Capabilities] = {}
+    for name, slot in slots.items():
+        if slot.is_reference:
+            continue
+        if validate:
+            fn = slot.resolve()
+            try:
+                own = declared(fn, device)
+            except (TypeError, ValueError) as exc:
+                raise ImplLoadError(f"{slot.spec}: {exc}") from None
+        else:
+            own = None
+        chosen = base or own or ANYTHING  # the command line wins over the callable's own declaration
+        try:
+            if cap_overrides:
+                chosen = chosen.with_overrides(cap_overrides)
+            if compute_dtype is not None:
+                chosen = chosen.with_overrides({"compute_dtype": compute_dtype})
+        except ValueError as exc:
+            raise ImplLoadError(str(exc)) from None
+        caps[name] = chosen
+    return ImplUnderTest(slots=slots, device=device, dtype_name=dtype, caps=caps)
+
+
+def _load_object(spec: str) -> Capabilities:
+    """``"pkg.mod:OBJ"`` -> a Capabilities object (``OBJ`` may be a callable returning one)."""
+    module_name, attr = parse_spec(spec, "--nsa-capabilities")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ImplLoadError(f"--nsa-capabilities={spec!r}: {type(exc).__name__}: {exc}") from None
+    if callable(obj) and not isinstance(obj, Capabilities):
+        obj = obj()
+    if not isinstance(obj, Capabilities):
+        raise ImplLoadError(f"--nsa-capabilities={spec!r} is a {type(obj).__name__}, expected "
+                            "conformance.capabilities.Capabilities")
+    try:
+        obj.validate()
+    except ValueError as exc:
+        raise ImplLoadError(f"--nsa-capabilities={spec!r}: {exc}") from None
+    return obj

@@ -14,12 +14,25 @@ Options (each has an ``NSA_CONFORMANCE_*`` environment fallback, see ``conforman
 --nsa-backend=NAME             backend for nsa_ref where no impl is given (default auto)
 --nsa-device=DEV               device the implementation gets its tensors on (default cpu)
 --nsa-dtype=fp64|fp32|bf16|fp16  dtype of those tensors (default fp64: exact comparisons)
+--nsa-compute-dtype=fp32       the precision the implementation computes in (judges verdicts at it)
+--nsa-capabilities=pkg.mod:OBJ a ``conformance.capabilities.Capabilities`` for every user slot
+--nsa-cap KEY=VALUE            one capability field (repeatable), e.g. ``--nsa-cap backward=false``
+--nsa-report=DIR               write the per-rule conformance report (report.md + report.json) to DIR
+
+Tests outside what an implementation declares (``conformance.capabilities``) are reported as
+"not applicable: <reason>" (a skip with that prefix), never as passed or failed; the terminal
+summary counts applicable / passed / failed / not applicable, and per rule (``nsa_rule`` marks).
 """
 from __future__ import annotations
 
 import contextlib
 
 import pytest
+
+from conformance.capabilities import NOT_APPLICABLE  # noqa: E402 (light: no torch import)
+#: Fixture name -> the implementation slot a test calls through it.
+SLOT_FIXTURES = {"nsa_impl": "nsa", "cmp_impl": "cmp", "sel_impl": "sel", "win_impl": "win",
+                 "select_impl": "select", "compress_impl": "compress"}
 
 GPU_SKIP_REASON = (
     "GPU part skipped: no CUDA device on this machine. "
@@ -66,6 +79,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="dtype of the inputs; fp64 (default) compares against the brute force almost exactly, "
         "lower precisions use the tolerances.yaml rule against a same-precision brute-force baseline",
     )
+    group.addoption(
+        "--nsa-compute-dtype", dest="nsa_compute_dtype", default=env["compute_dtype"], choices=list(DTYPES),
+        help="precision the implementation under test computes in (e.g. fp32 for a kernel that upcasts fp64 "
+        "inputs to fp32); verdicts use that tolerance row when it is coarser than --nsa-dtype",
+    )
+    group.addoption(
+        "--nsa-capabilities", dest="nsa_capabilities", metavar="MODULE:OBJ", default=env["capabilities"],
+        help="a conformance.capabilities.Capabilities object declaring what the implementation supports "
+        "(default: the callable's own .capabilities attribute, else everything)",
+    )
+    group.addoption(
+        "--nsa-cap", dest="nsa_cap", metavar="KEY=VALUE", action="append", default=[],
+        help="override one capability field, repeatable: e.g. --nsa-cap tied_blocks=true --nsa-cap min_group=16 "
+        "--nsa-cap backward=false (fields: see conformance/capabilities.py)",
+    )
+    group.addoption(
+        "--nsa-report", dest="nsa_report", metavar="DIR", default=None,
+        help="write the per-rule conformance report (report.md, report.json) into DIR",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -80,6 +112,10 @@ def pytest_configure(config: pytest.Config) -> None:
         known = {m.split(":")[0].split("(")[0].strip() for m in config.getini("markers")}
         if line.split(":")[0] not in known:
             config.addinivalue_line("markers", line)
+    config.addinivalue_line("markers", "nsa_rule(*ids): the NSA rule ids (conformance.nsa_rules) a test checks")
+    config.addinivalue_line("markers", "nsa_needs(*features): optional capabilities a test needs "
+                            "(varlen, empty_sequences, backward, decode, lse)")
+    from conformance.capabilities import parse_cap_flags
     from conformance.impl import ImplLoadError, build
 
     specs = {slot: config.getoption(f"nsa_{slot}_impl", None) for slot, _, _ in _IMPL_OPTIONS}
@@ -92,9 +128,13 @@ def pytest_configure(config: pytest.Config) -> None:
             backend=config.getoption("nsa_backend", "auto"),
             device=device,
             dtype=config.getoption("nsa_dtype", "fp64"),
+            capabilities=config.getoption("nsa_capabilities", None),
+            cap_overrides=parse_cap_flags(config.getoption("nsa_cap", None) or []),
+            compute_dtype=config.getoption("nsa_compute_dtype", None),
         )
-    except ImplLoadError as exc:
+    except (ImplLoadError, ValueError) as exc:
         raise pytest.UsageError(f"nsa-conformance: {exc}") from None
+    config._nsa_outcomes = {}
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -113,6 +153,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker("nsa_ref_only") is not None:
                 item.add_marker(skip_ref)
 
+    if impl is not None:
+        for item in items:
+            reasons = applicability(item, impl)
+            if reasons:
+                item.add_marker(pytest.mark.skip(reason=NOT_APPLICABLE + "; ".join(reasons)))
+
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     config._nsa_gpu_skipped = 0
     if not gpu_items or _cuda_available():
@@ -123,7 +169,112 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config._nsa_gpu_skipped = len(gpu_items)
 
 
+def item_slots(item) -> list[str]:
+    """Implementation slots a collected test calls: its slot fixtures, or its ``slot`` parameter."""
+    slots = [SLOT_FIXTURES[name] for name in getattr(item, "fixturenames", ()) if name in SLOT_FIXTURES]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "slot" in params:
+        slots.append(params["slot"])
+    return list(dict.fromkeys(slots))
+
+
+def item_rules(item) -> list[str]:
+    """Rule ids a test declares with ``@pytest.mark.nsa_rule(...)`` (all marks, in order)."""
+    ids: list[str] = []
+    for mark in item.iter_markers("nsa_rule"):
+        ids += [i for i in mark.args if i not in ids]
+    return ids
+
+
+def applicability(item, impl) -> list[str]:
+    """Why a collected test is outside the implementation's declared space (empty: it applies).
+
+    Judged from the test's slots, its ``case`` parameter (config, heads, dims, lengths) and its
+    ``nsa_needs`` features; tests that build their case inside call
+    ``conformance.applicable.require`` instead."""
+    slots = item_slots(item)
+    if not slots or not impl.user_given:
+        return []
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    case = params.get("case")
+    if case is not None and not hasattr(case, "cfg_fields"):
+        case = None
+    features = [f for mark in item.iter_markers("nsa_needs") for f in mark.args]
+    reasons: list[str] = []
+    for slot in slots:
+        if impl.slots[slot].is_reference:
+            continue
+        for reason in impl.not_applicable(slot, case, features):
+            text = f"{slot}: {reason}"
+            if text not in reasons:
+                reasons.append(text)
+    return reasons
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Remember each test's outcome (for the applicable/passed/failed counts and the report)."""
+    config = getattr(report, "config", None)
+    if config is None:
+        return
+    outcomes = getattr(config, "_nsa_outcomes", None)
+    if outcomes is None:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or report.failed:
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            outcome = "not applicable" if NOT_APPLICABLE in reason else "skipped"
+            detail = reason.split("Skipped: ", 1)[-1]
+        elif report.failed:
+            outcome, detail = "failed", str(report.longrepr)
+        else:
+            outcome, detail = "passed", ""
+        previous = outcomes.get(report.nodeid)
+        if previous is None or previous["outcome"] == "passed":
+            outcomes[report.nodeid] = {"outcome": outcome, "detail": detail}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    report.config = item.config
+    report.nsa_rules = item_rules(item)
+    report.nsa_slots = item_slots(item)
+    rules = getattr(item.config, "_nsa_item_rules", None)
+    if rules is None:
+        rules = item.config._nsa_item_rules = {}
+    rules[item.nodeid] = (report.nsa_rules, report.nsa_slots)
+
+
+def suite_counts(outcomes: dict) -> dict[str, int]:
+    """{applicable, passed, failed, not applicable, skipped} over recorded conformance outcomes."""
+    counts = {"applicable": 0, "passed": 0, "failed": 0, "not applicable": 0, "skipped": 0}
+    for entry in outcomes.values():
+        counts[entry["outcome"]] += 1
+        if entry["outcome"] in ("passed", "failed"):
+            counts["applicable"] += 1
+    return counts
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    impl = getattr(config, "_nsa_impl", None)
+    outcomes = getattr(config, "_nsa_outcomes", {}) or {}
+    rules_of = getattr(config, "_nsa_item_rules", {}) or {}
+    from conformance.rule_report import conformance_tests
+
+    conf = conformance_tests(outcomes, rules_of, impl.user_given if impl is not None else None)
+    if impl is not None and impl.user_given and conf:
+        c = suite_counts(conf)
+        terminalreporter.write_line(
+            f"nsa-conformance: {c['applicable']} applicable ({c['passed']} passed, {c['failed']} failed), "
+            f"{c['not applicable']} not applicable, {c['skipped']} skipped otherwise "
+            f"[implementation under test: {', '.join(impl.user_given)}]")
+    report_dir = config.getoption("nsa_report", None)
+    if report_dir and impl is not None:
+        from conformance.rule_report import write_report
+
+        paths = write_report(report_dir, impl, outcomes, rules_of)
+        terminalreporter.write_line(f"nsa-conformance: per-rule report -> {', '.join(str(p) for p in paths)}")
     skipped = getattr(config, "_nsa_gpu_skipped", 0)
     if skipped:
         terminalreporter.write_line(

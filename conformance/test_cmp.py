@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 from conformance import assertions as A
 from conformance import brute
 from conformance.cases import (
-    SMALL_CFG, as_params, case_strategy, default_cases, make_inputs, on_device, problem, property_settings, single,
+    SMALL_CFG, SMALL_TIED_CFG, as_params, case_strategy, default_cases, make_inputs, on_device, problem, property_settings, single,
     small_cases, varlen_case,
 )
 
@@ -22,9 +23,11 @@ pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
 CASES = default_cases() + as_params(small_cases())
 
 
-def check_cmp(case, cmp_impl, device, dtype) -> None:
-    """Run ``cmp_impl`` on the case's compressed keys and compare out (and lse if returned)."""
-    p = problem(case, "cmp", dtype)
+def check_cmp(case, cmp_impl, device, dtype, judged=None) -> None:
+    """Run ``cmp_impl`` on the case's compressed keys and compare out (and lse if returned),
+    judged at ``judged`` (default ``dtype``)."""
+    judged = dtype if judged is None else judged
+    p = problem(case, "cmp", dtype, judged)
     cfg = case.config()
     args = on_device(p.args, device)
     out, lse = cmp_impl(args["q"], args["k_cmp"], args["v_cmp"], cfg, args["cu_seqlens"])
@@ -33,39 +36,44 @@ def check_cmp(case, cmp_impl, device, dtype) -> None:
     truth_out, truth_lse = p.truth
     base_out, base_lse = p.base if p.base is not None else (None, None)
     cu = p.args["cu_seqlens"]
-    A.assert_close(out, truth_out, base_out, rule=A.RULE_CMP, dtype=dtype, where=where, cu_seqlens=cu)
+    A.assert_close(out, truth_out, base_out, rule=A.RULE_CMP, dtype=judged, where=where, cu_seqlens=cu)
     if lse is not None:
         A.assert_shape(lse, (case.total, case.hq), rule=A.RULE_CMP_LSE, where=where, name="lse")
         # An fp32 lse from fp64 inputs is judged against the truth rounded to the lse's dtype.
         lse_base = (truth_lse if base_lse is None else base_lse).to(lse.dtype)
-        A.assert_close(lse, truth_lse, lse_base, rule=A.RULE_CMP_LSE, dtype=dtype, quantity="lse",
+        A.assert_close(lse, truth_lse, lse_base, rule=A.RULE_CMP_LSE, dtype=judged, quantity="lse",
                        where=where, cu_seqlens=cu)
 
 
+@pytest.mark.nsa_rule("NSA-CMP-VISIBLE", "NSA-CMP-EMPTY", "NSA-CMP-LSE", "NSA-SCALE")
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cmp_matches_brute(case, cmp_impl, nsa_device, nsa_dtype):
+def test_cmp_matches_brute(case, cmp_impl, impl_under_test, nsa_device, nsa_dtype):
     """cmp visibility i*d + l - 1 <= t, softmax over visible blocks, GQA h -> h // G."""
-    check_cmp(case, cmp_impl, nsa_device, nsa_dtype)
+    check_cmp(case, cmp_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("cmp"))
 
 
+@pytest.mark.nsa_rule("NSA-CMP-COUNT", "NSA-CMP-MEAN")
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_compress_matches_brute(case, compress_impl, nsa_device, nsa_dtype):
+def test_compress_matches_brute(case, compress_impl, impl_under_test, nsa_device, nsa_dtype):
     """k_cmp[i] = mean(k[i*d : i*d + l]) per sequence, Tc = floor((T - l)/d) + 1 rows."""
+    judged = impl_under_test.judged_dtype("compress")
     x = make_inputs(case, nsa_dtype)
     cfg = case.config()
     where = f"{case} dtype={A.dtype_name(nsa_dtype)}"
     for name, t in (("k", x.k), ("v", x.v)):
         got = compress_impl(t.to(nsa_device), cfg, None if x.cu_seqlens is None else x.cu_seqlens.to(nsa_device))
         want, _ = brute.compress(t.double(), cfg, x.cu_seqlens)
-        base = None if nsa_dtype == torch.float64 else brute.compress(t, cfg, x.cu_seqlens)[0]
+        base = None if judged == torch.float64 else brute.compress(t.to(judged), cfg, x.cu_seqlens)[0]
         A.assert_shape(got, tuple(want.shape), rule=A.RULE_COMPRESS, where=where, name=f"{name}_cmp")
-        A.assert_close(got, want, base, rule=A.RULE_COMPRESS, dtype=nsa_dtype, where=f"{where} {name}_cmp")
+        A.assert_close(got, want, base, rule=A.RULE_COMPRESS, dtype=judged, where=f"{where} {name}_cmp")
 
 
-@pytest.mark.parametrize("T", [1, 6, 7, 8, 13])
-def test_cmp_empty_rows_exactly_zero(T, cmp_impl, nsa_device, nsa_dtype):
+@pytest.mark.nsa_rule("NSA-CMP-EMPTY", "NSA-FINITE")
+@pytest.mark.parametrize("case", [single(T, hq, hkv, cfg, dk=13, dv=7) for T in (1, 6, 7, 8, 13)
+                                  for cfg, hq, hkv in ((SMALL_CFG, 4, 2), (SMALL_TIED_CFG, 16, 1))], ids=str)
+def test_cmp_empty_rows_exactly_zero(case, cmp_impl, nsa_device, nsa_dtype):
     """Rows t < l - 1 (l = 8 here) see no block: output exactly 0, lse -inf, nothing NaN."""
-    case = single(T, 4, 2, SMALL_CFG, dk=13, dv=7)
+    T = case.total
     p = problem(case, "cmp", nsa_dtype)
     args = on_device(p.args, nsa_device)
     cfg = case.config()
@@ -98,15 +106,21 @@ def test_nsa_ref_backend_lse_matches_brute(backend, case, nsa_device):
     check_cmp(case, lambda *a: split_out_lse(module.cmp_attention(*a)), nsa_device, torch.float64)
 
 
-@given(case=case_strategy(max_len=40))
+@pytest.mark.nsa_rule("NSA-CMP-VISIBLE", "NSA-CMP-EMPTY", "NSA-CMP-LSE", "NSA-SCALE")
+@given(data=st.data())
 @property_settings(max_examples=20)
-def test_cmp_random_shapes(case, cmp_impl, nsa_device, nsa_dtype):
-    """Property: random small configs/shapes (l multiple of d, any G, Dk, Dv) match the brute force."""
-    check_cmp(case, cmp_impl, nsa_device, nsa_dtype)
+def test_cmp_random_shapes(data, cmp_impl, impl_under_test, nsa_device, nsa_dtype):
+    """Property: random small configs/shapes (from the declared space) match the brute force."""
+    case = data.draw(case_strategy(max_len=40, caps=impl_under_test.capabilities("cmp"), slot="cmp"), label="case")
+    check_cmp(case, cmp_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("cmp"))
 
 
-@given(case=case_strategy(max_len=30, varlen=True))
+@pytest.mark.nsa_rule("NSA-VARLEN", "NSA-CMP-VISIBLE")
+@pytest.mark.nsa_needs("varlen")
+@given(data=st.data())
 @property_settings(max_examples=10)
-def test_cmp_random_varlen(case, cmp_impl, nsa_device, nsa_dtype):
-    """Property: random packed batches (empty sequences included) match the per-sequence brute force."""
-    check_cmp(case, cmp_impl, nsa_device, nsa_dtype)
+def test_cmp_random_varlen(data, cmp_impl, impl_under_test, nsa_device, nsa_dtype):
+    """Property: random packed batches (empty sequences where declared) match the per-sequence brute force."""
+    case = data.draw(case_strategy(max_len=30, varlen=True, caps=impl_under_test.capabilities("cmp"), slot="cmp"),
+                     label="case")
+    check_cmp(case, cmp_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("cmp"))

@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from conformance import brute
+from conformance.nsa_rules import tag
 
-RULE_DECODE = "decode == prefill at the same position (fp64, max abs error <= 1e-12)"
-RULE_EMIT = "decode emits compressed block i when it ends (i*d + l - 1 == t)"
+RULE_DECODE = tag("NSA-DECODE") + " (fp64: max abs error <= 1e-12)"
+RULE_EMIT = tag("NSA-DECODE") + " (compressed block i is emitted when it ends: i*d + l - 1 == t)"
 ATOL = 1e-12
 # Blocks of 8 with stride 4, selection blocks of 8, 3 picks (1 init + 1 local + 1 by score),
 # window 8: selection, window eviction and block emission all happen within 40 tokens.
 SMALL = dict(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=8)
 
 
-pytestmark = pytest.mark.usefixtures("nsa_cpu_threads")  # tiny tensors: one intra-op thread
+pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"),  # tiny tensors: one intra-op thread
+              pytest.mark.nsa_rule("NSA-DECODE")]
 
 
 def _cfg(**over):
@@ -136,7 +138,10 @@ def test_decode_on_suite_backend(impl_under_test, nsa_device, nsa_dtype, hq, hkv
     from nsa_ref import NSACache, decode_step, nsa_attention
 
     if not impl_under_test.slots["nsa"].is_reference:
-        pytest.skip("decode_step is nsa_ref's; --nsa-impl names another implementation")
+        from conformance.capabilities import NOT_APPLICABLE
+
+        pytest.skip(NOT_APPLICABLE + "the decode test drives nsa_ref.decode_step; the suite has no decode slot "
+                    "for another implementation yet (--nsa-impl names one)")
     backend = impl_under_test.slots["sel"].backend
     cfg, B, T = _cfg(), 2, 24
     g = torch.Generator().manual_seed(1)

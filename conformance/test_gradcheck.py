@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+# The class from its module: on torch 2.13 ``torch.autograd.gradcheck`` is the function, not the module.
+from torch.autograd.gradcheck import GradcheckError
 
 from conformance import assertions as A
 from conformance import brute
-from conformance.cases import lengths_to_cu
+from conformance.capabilities import NOT_APPLICABLE, require
+from conformance.cases import SMALL_TIED_CFG, lengths_to_cu, single, varlen_case
 
-pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
+pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-GRAD"),
+              pytest.mark.nsa_needs("backward")]
 
 # Tiny config: blocks of 4 with stride 2, selection blocks of 4, 2 picks (1 init + 1 local
 # when there are 2+ candidates), window 3; T = 11 crosses every boundary.
 TINY = dict(block_len=4, block_stride=2, sel_block=4, n_sel=2, n_init=1, n_local=1, window=3)
+# Its tied twin (l = d = l' = 4, 1 init + 2 local forced, 3 picks) for tied-layout implementations.
+TINY_TIED = dict(block_len=4, block_stride=4, sel_block=4, n_sel=3, n_init=1, n_local=2, window=3)
+#: (T, Hq, Hkv) x config: G = 2 and 1 in the strided layout, the paper's G = 16 in the tied one.
+CASES = [single(11, 2, 1, tuple(sorted(TINY.items())), dk=3, dv=2),
+         single(11, 2, 2, tuple(sorted(TINY.items())), dk=3, dv=2),
+         single(11, 16, 1, tuple(sorted(TINY_TIED.items())), dk=2, dv=2)]
 
 
 def tiny_inputs(T=11, hq=2, hkv=1, dk=3, dv=2, device="cpu", seed=0):
@@ -42,9 +52,22 @@ def _cfg():
     return NSAConfig(**TINY)
 
 
+def _case_inputs(case, device, seed=0):
+    """(cfg, [q, k, v, gates]) of a tiny gradcheck case, fp64 leaves on ``device``."""
+    return case.config(), tiny_inputs(T=case.total, hq=case.hq, hkv=case.hkv, dk=case.dk, dv=case.dv,
+                                      device=device, seed=seed)
+
+
 def _differentiable_or_skip(impl_under_test, slot: str, fn, *inputs):
-    """Run once; skip (user impl) or fail (nsa_ref) when fp64 is refused or no graph comes back."""
+    """Run once; skip (user impl) or fail (nsa_ref) when fp64 is refused or no graph comes back.
+
+    An implementation that declares a compute precision coarser than fp64 is "not applicable":
+    finite differences at eps = 1e-6 need fp64 arithmetic."""
     user = not impl_under_test.slots[slot].is_reference
+    judged = impl_under_test.judged_dtype(slot)
+    if user and judged != torch.float64 and inputs[0].dtype == torch.float64:
+        pytest.skip(f"{NOT_APPLICABLE}{slot}: gradcheck needs fp64 arithmetic; the implementation declares it "
+                    f"computes in {A.dtype_name(impl_under_test.capabilities(slot).compute_dtype)}")
     try:
         out = fn(*inputs)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
@@ -65,77 +88,78 @@ def _gradcheck(fn, inputs, where):
     """fp64 finite differences of the whole Jacobian vs autograd (tiny shapes keep it cheap)."""
     try:
         torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=False)
-    except torch.autograd.gradcheck.GradcheckError as exc:
+    except GradcheckError as exc:
         first = str(exc).strip().splitlines()[0]
         raise AssertionError(f"gradient (fp64 gradcheck): {where}: {first}") from None
 
 
-@pytest.mark.parametrize("hq, hkv", [(2, 1), (2, 2)], ids=["G=2", "G=1"])
-def test_gradcheck_win(hq, hkv, impl_under_test, nsa_device):
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradcheck_win(case, impl_under_test, nsa_device):
     """d(win)/d(q, k, v) by finite differences."""
-    cfg = _cfg()
-    q, k, v, _ = tiny_inputs(hq=hq, hkv=hkv, device=nsa_device)
+    cfg, (q, k, v, _) = _case_inputs(case, nsa_device)
     _differentiable_or_skip(impl_under_test, "win", impl_under_test.win, q, k, v, cfg)
-    _gradcheck(lambda q, k, v: impl_under_test.win(q, k, v, cfg, None), (q, k, v), f"win T=11 Hq={hq} Hkv={hkv}")
+    _gradcheck(lambda q, k, v: impl_under_test.win(q, k, v, cfg, None), (q, k, v), f"win {case}")
 
 
-@pytest.mark.parametrize("hq, hkv", [(2, 1), (2, 2)], ids=["G=2", "G=1"])
-def test_gradcheck_sel(hq, hkv, impl_under_test, nsa_device):
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradcheck_sel(case, impl_under_test, nsa_device):
     """d(sel)/d(q, k, v) for fixed block indices (the brute force's choice)."""
-    cfg = _cfg()
-    q, k, v, _ = tiny_inputs(hq=hq, hkv=hkv, device=nsa_device)
+    cfg, (q, k, v, _) = _case_inputs(case, nsa_device)
     k_cmp, _ = brute.compress(k.detach().cpu(), cfg)
     idx = brute.select_blocks(q.detach().cpu(), k_cmp, cfg).to(nsa_device)
     _differentiable_or_skip(impl_under_test, "sel", impl_under_test.sel, q, k, v, idx, cfg)
-    _gradcheck(lambda q, k, v: impl_under_test.sel(q, k, v, idx, cfg, None), (q, k, v), f"sel T=11 Hq={hq} Hkv={hkv}")
+    _gradcheck(lambda q, k, v: impl_under_test.sel(q, k, v, idx, cfg, None), (q, k, v), f"sel {case}")
 
 
-@pytest.mark.parametrize("hq, hkv", [(2, 1), (2, 2)], ids=["G=2", "G=1"])
-def test_gradcheck_cmp(hq, hkv, impl_under_test, nsa_device):
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradcheck_cmp(case, impl_under_test, nsa_device):
     """d(cmp out)/d(q, k_cmp, v_cmp); rows t < l - 1 included (their gradient must be 0)."""
-    cfg = _cfg()
-    q, k, v, _ = tiny_inputs(hq=hq, hkv=hkv, device=nsa_device)
+    cfg, (q, k, v, _) = _case_inputs(case, nsa_device)
     k_cmp = brute.compress(k.detach(), cfg)[0].requires_grad_()
     v_cmp = brute.compress(v.detach(), cfg)[0].requires_grad_()
     _differentiable_or_skip(impl_under_test, "cmp", impl_under_test.cmp, q, k_cmp, v_cmp, cfg)
-    _gradcheck(lambda q, kc, vc: impl_under_test.cmp(q, kc, vc, cfg, None)[0], (q, k_cmp, v_cmp),
-               f"cmp T=11 Hq={hq} Hkv={hkv}")
+    _gradcheck(lambda q, kc, vc: impl_under_test.cmp(q, kc, vc, cfg, None)[0], (q, k_cmp, v_cmp), f"cmp {case}")
 
 
-def test_gradcheck_nsa(impl_under_test, nsa_device):
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=str)
+def test_gradcheck_nsa(case, impl_under_test, nsa_device):
     """d(nsa)/d(q, k, v, gates), selection included (the inputs keep it away from ties)."""
-    cfg = _cfg()
-    inputs = tiny_inputs(device=nsa_device)
+    cfg, inputs = _case_inputs(case, nsa_device)
     _differentiable_or_skip(impl_under_test, "nsa", impl_under_test.nsa, *inputs, cfg)
-    _gradcheck(lambda q, k, v, g: impl_under_test.nsa(q, k, v, g, cfg, None), tuple(inputs), "nsa T=11 Hq=2 Hkv=1")
+    _gradcheck(lambda q, k, v, g: impl_under_test.nsa(q, k, v, g, cfg, None), tuple(inputs), f"nsa {case}")
 
 
-def test_gradcheck_nsa_varlen(impl_under_test, nsa_device):
+@pytest.mark.nsa_rule("NSA-VARLEN")
+@pytest.mark.parametrize("case", [varlen_case((0, 5, 0, 6), hq=2, hkv=1, cfg=tuple(sorted(TINY.items())), dk=3, dv=2)],
+                         ids=str)
+def test_gradcheck_nsa_varlen(case, impl_under_test, nsa_device):
     """Same through cu_seqlens with empty sequences: lengths [0, 5, 0, 6]."""
-    cfg = _cfg()
-    inputs = tiny_inputs(device=nsa_device, seed=1)
-    cu = lengths_to_cu([0, 5, 0, 6], device=nsa_device)
+    cfg, inputs = _case_inputs(case, nsa_device, seed=1)
+    cu = lengths_to_cu(case.lengths, device=nsa_device)
     _differentiable_or_skip(impl_under_test, "nsa", impl_under_test.nsa, *inputs, cfg, cu)
     _gradcheck(lambda q, k, v, g: impl_under_test.nsa(q, k, v, g, cfg, cu), tuple(inputs), "nsa varlen [0, 5, 0, 6]")
 
 
+@pytest.mark.nsa_rule("NSA-FINITE", "NSA-CMP-EMPTY")
+@pytest.mark.parametrize("case", [varlen_case((0, 5, 35, 0), hq=4, hkv=2, dk=16, dv=8),
+                                  varlen_case((0, 5, 35, 0), hq=16, hkv=1, dk=16, dv=8, cfg=SMALL_TIED_CFG)], ids=str)
 @pytest.mark.parametrize("slot", ["cmp", "sel", "win", "nsa"])
-def test_grads_finite_and_empty_rows_zero(slot, impl_under_test, nsa_device, nsa_dtype):
+def test_grads_finite_and_empty_rows_zero(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Backward in the dtype under test: all gradients finite; for cmp, rows t < l - 1 (T=40,
     l=8) and whole sequences shorter than l give q-gradient exactly 0."""
-    from nsa_ref import NSAConfig
-
-    cfg = NSAConfig(block_len=8, block_stride=4, sel_block=16, n_sel=3, n_init=1, n_local=1, window=16)
-    lengths = [0, 5, 35, 0]
+    cfg = case.config()
+    lengths = list(case.lengths)
     T = sum(lengths)
+    if slot == "cmp":
+        require(impl_under_test, ("compress", "cmp"), case, ("backward",))
     cu = lengths_to_cu(lengths, device=nsa_device)
     gen = torch.Generator().manual_seed(5)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(nsa_device, nsa_dtype).requires_grad_()
 
-    q, k, v = leaf(T, 4, 16), leaf(T, 2, 16), leaf(T, 2, 8)
-    gates = torch.rand(T, 4, 3, generator=gen, dtype=torch.float64).to(nsa_device, nsa_dtype).requires_grad_()
+    q, k, v = leaf(T, case.hq, case.dk), leaf(T, case.hkv, case.dk), leaf(T, case.hkv, case.dv)
+    gates = torch.rand(T, case.hq, 3, generator=gen, dtype=torch.float64).to(nsa_device, nsa_dtype).requires_grad_()
     if slot == "cmp":
         kc = impl_under_test.compress(k, cfg, cu)
         vc = impl_under_test.compress(v, cfg, cu)

@@ -1,88 +1,148 @@
 """Full NSA (compress -> cmp -> select -> sel, win -> gated sum) against the brute force.
 
 Pins (nsa_spec.md, all sections, and "Gating and output": o = g_cmp*o_cmp + g_sel*o_sel +
-g_win*o_win). Implementation under test: ``nsa_impl``.
+g_win*o_win). Implementation under test: ``nsa_impl``. Cases: every config family
+(``conformance.families``) plus small strided and tied configs.
 
-Below fp64 (``--nsa-dtype`` bf16/fp16/fp32) the discrete block choice can legitimately flip on
-near-ties, which changes a row by O(1); those runs raise ``n_sel`` to cover every block so the
-comparison measures arithmetic only. The selection rule itself is pinned in test_sel.py.
+A failing full-NSA comparison isolates the deviating branch itself: it re-runs the
+implementation with one-hot gates (its own cmp, sel and win slots through its own gates) and
+names the branch(es) and rules that differ.
+
+Below fp64 (``--nsa-dtype`` bf16/fp16/fp32, or a coarser declared compute precision) the
+discrete block choice can legitimately flip on near-ties, which changes a row by O(1); those runs
+raise ``n_sel`` to cover every block so the comparison measures arithmetic only. The selection
+rule itself is pinned in test_sel.py.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 from conformance import assertions as A
 from conformance import brute
 from conformance.cases import (
-    SMALL_CFG, as_params, case_strategy, default_cases, on_device, problem, property_settings, single, small_cases,
+    SMALL_CFG, SMALL_TIED_CFG, as_params, case_strategy, default_cases, on_device, problem, property_settings,
+    selection_free, single, small_cases,
 )
 
-pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
+pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"),
+              pytest.mark.nsa_rule("NSA-FULL", "NSA-GATE", "NSA-CMP-VISIBLE", "NSA-SEL-SCORE", "NSA-SEL-FORCED",
+                                   "NSA-SEL-ATTN", "NSA-WIN", "NSA-SCALE")]
 
 CASES = default_cases() + as_params(small_cases())
+BRANCHES = ("cmp", "sel", "win")
+#: Rules a deviation of each branch points at (the slot tests of that branch tell them apart).
+BRANCH_RULES = {"cmp": "[NSA-CMP-VISIBLE] / [NSA-CMP-EMPTY]",
+                "sel": "[NSA-SEL-SCORE] / [NSA-SEL-FORCED] (selection) or [NSA-SEL-ATTN] (attention)",
+                "win": "[NSA-WIN]"}
 
 
-def selection_free(case):
-    """The case with n_sel >= number of selection blocks of its longest sequence."""
-    g = brute.geometry(case.config())
-    nb = max([brute.num_sel_blocks(T, g) for T in case.lengths] + [1])
-    return case if g.n >= nb else case.with_cfg(n_sel=nb)
+def one_hot(gates: torch.Tensor, branch: str) -> torch.Tensor:
+    """``gates (T, Hq, 3)`` with 1 in the slot of ``branch`` and 0 elsewhere."""
+    out = torch.zeros_like(gates)
+    out[..., BRANCHES.index(branch)] = 1
+    return out
 
 
-def check_nsa(case, nsa_impl, device, dtype, rule=A.RULE_NSA) -> None:
-    if dtype != torch.float64:
+def branch_deviations(case, nsa_impl, device, dtype, judged) -> list[str]:
+    """Re-run ``nsa_impl`` with one-hot gates per branch; one line per branch that misses its
+    brute-force output (empty: every branch alone is right, so the gated sum is what differs)."""
+    cfg = case.config()
+    p = problem(case, "nsa", dtype, judged)
+    found = []
+    for branch in BRANCHES:
+        gates = one_hot(p.args["gates"], branch)
+        args = on_device(p.args, device)
+        try:
+            out = nsa_impl(args["q"], args["k"], args["v"], gates.to(device), cfg, args["cu_seqlens"])
+            x = {k: v.double() for k, v in p.args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+            truth = brute.nsa_attention(x["q"], x["k"], x["v"], gates.double(), cfg, p.args["cu_seqlens"])
+            base = None if judged == torch.float64 else brute.nsa_attention(
+                *(p.args[n].to(judged) for n in ("q", "k", "v")), gates.to(judged), cfg, p.args["cu_seqlens"])
+            A.assert_close(out, truth, base, rule=branch, dtype=judged, cu_seqlens=p.args["cu_seqlens"])
+        except AssertionError as exc:
+            detail = str(exc).split(": ", 1)[-1].split(" [", 1)[0]
+            found.append(f"{branch} ({BRANCH_RULES[branch]}): {detail}")
+        except Exception as exc:  # the implementation raised with one-hot gates
+            found.append(f"{branch}: raised {type(exc).__name__}: {exc}")
+    return found
+
+
+def check_nsa(case, nsa_impl, device, dtype, judged=None, rule=A.RULE_NSA, isolate: bool = True) -> None:
+    """Run ``nsa_impl`` on ``case`` and compare with the brute force; on a miss, say which branch
+    deviates (one-hot gates) before failing."""
+    judged = dtype if judged is None else judged
+    if judged != torch.float64:
         case = selection_free(case)
-    p = problem(case, "nsa", dtype)
+    p = problem(case, "nsa", dtype, judged)
     args = on_device(p.args, device)
     out = nsa_impl(args["q"], args["k"], args["v"], args["gates"], case.config(), args["cu_seqlens"])
-    where = f"{case} dtype={A.dtype_name(dtype)}"
+    where = f"{case} dtype={A.dtype_name(dtype)}" + ("" if judged == dtype else f" judged at {A.dtype_name(judged)}")
     A.assert_shape(out, (case.total, case.hq, case.dv), rule=rule, where=where)
-    A.assert_close(out, p.truth, p.base, rule=rule, dtype=dtype, where=where, cu_seqlens=p.args["cu_seqlens"])
+    try:
+        A.assert_close(out, p.truth, p.base, rule=rule, dtype=judged, where=where, cu_seqlens=p.args["cu_seqlens"])
+    except AssertionError as exc:
+        if not isolate:
+            raise
+        found = branch_deviations(case, nsa_impl, device, dtype, judged)
+        verdict = ("deviating branch(es), found by re-running with one-hot gates: " + " | ".join(found)
+                   if found else f"every branch alone matches: the gated sum deviates {A.RULE_GATE}")
+        raise AssertionError(f"{exc}\n  {verdict}") from None
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_nsa_matches_brute(case, nsa_impl, nsa_device, nsa_dtype):
-    """Every branch and the gated sum at once, default and small configs."""
-    check_nsa(case, nsa_impl, nsa_device, nsa_dtype)
+def test_nsa_matches_brute(case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
+    """Every branch and the gated sum at once, every config family."""
+    check_nsa(case, nsa_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("nsa"))
 
 
-@pytest.mark.parametrize("branch", [0, 1, 2], ids=["cmp", "sel", "win"])
-@pytest.mark.parametrize("T", [9, 37])
-def test_nsa_one_hot_gates_isolate_branch(branch, T, nsa_impl, nsa_device, nsa_dtype):
-    """gates = e_branch -> the output is exactly that branch's brute-force output."""
-    case = single(T, 4, 2, SMALL_CFG, dk=13, dv=7, seed=3)
-    if nsa_dtype != torch.float64:
+@pytest.mark.nsa_rule("NSA-GATE")
+@pytest.mark.parametrize("branch", BRANCHES)
+@pytest.mark.parametrize("case", [single(37, 16, 1, SMALL_CFG, dk=13, dv=7, seed=3),
+                                  single(37, 16, 1, SMALL_TIED_CFG, dk=13, dv=7, seed=3),
+                                  single(9, 4, 2, SMALL_CFG, dk=13, dv=7, seed=3)], ids=str)
+def test_nsa_one_hot_gates_isolate_branch(branch, case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
+    """gates = e_branch -> the output is exactly that branch's brute-force output (gate order)."""
+    judged = impl_under_test.judged_dtype("nsa")
+    if judged != torch.float64:
         case = selection_free(case)
     cfg = case.config()
-    p = problem(case, "nsa", nsa_dtype)
-    gates = torch.zeros_like(p.args["gates"])
-    gates[..., branch] = 1
+    p = problem(case, "nsa", nsa_dtype, judged)
+    gates = one_hot(p.args["gates"], branch)
     args = on_device(p.args, nsa_device)
     out = nsa_impl(args["q"], args["k"], args["v"], gates.to(nsa_device), cfg, None)
     x = {k: v.double() for k, v in p.args.items() if isinstance(v, torch.Tensor)}
     truth = brute.nsa_attention(x["q"], x["k"], x["v"], gates.double(), cfg)
-    base = None if nsa_dtype == torch.float64 else brute.nsa_attention(
-        p.args["q"], p.args["k"], p.args["v"], gates, cfg)
-    name = ("cmp", "sel", "win")[branch]
-    A.assert_close(out, truth, base, rule=A.RULE_GATE, dtype=nsa_dtype, where=f"{case} gates={name} only")
+    base = None if judged == torch.float64 else brute.nsa_attention(
+        p.args["q"].to(judged), p.args["k"].to(judged), p.args["v"].to(judged), gates.to(judged), cfg)
+    A.assert_close(out, truth, base, rule=f"{A.RULE_GATE} ({branch} only)", dtype=judged,
+                   where=f"{case} gates={branch} only")
 
 
-def test_nsa_empty_cmp_rows_finite(nsa_impl, nsa_device, nsa_dtype):
+@pytest.mark.nsa_rule("NSA-CMP-EMPTY", "NSA-FINITE")
+@pytest.mark.parametrize("case", [single(7, 4, 2, SMALL_CFG, dk=13, dv=7),
+                                  single(7, 16, 1, SMALL_TIED_CFG, dk=13, dv=7)], ids=str)
+def test_nsa_empty_cmp_rows_finite(case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
     """T < l: the cmp branch is empty on every row (contributes exactly 0); output finite, equal to the brute force."""
-    check_nsa(single(7, 4, 2, SMALL_CFG, dk=13, dv=7), nsa_impl, nsa_device, nsa_dtype)
+    check_nsa(case, nsa_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("nsa"))
 
 
-@given(case=case_strategy(max_len=40))
+@given(data=st.data())
 @property_settings(max_examples=20)
-def test_nsa_random_shapes(case, nsa_impl, nsa_device, nsa_dtype):
-    """Property: random small configs/shapes match the brute force end to end."""
-    check_nsa(case, nsa_impl, nsa_device, nsa_dtype)
+def test_nsa_random_shapes(data, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
+    """Property: random small configs/shapes, drawn from the declared capabilities, match the brute force."""
+    case = data.draw(case_strategy(max_len=40, caps=impl_under_test.capabilities("nsa")), label="case")
+    check_nsa(case, nsa_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("nsa"))
 
 
-@given(case=case_strategy(max_len=30, varlen=True))
+@pytest.mark.nsa_rule("NSA-VARLEN")
+@pytest.mark.nsa_needs("varlen")
+@given(data=st.data())
 @property_settings(max_examples=10)
-def test_nsa_random_varlen(case, nsa_impl, nsa_device, nsa_dtype):
-    """Property: random packed batches (empty sequences included) match the brute force."""
-    check_nsa(case, nsa_impl, nsa_device, nsa_dtype, rule=f"{A.RULE_VARLEN} / {A.RULE_NSA}")
+def test_nsa_random_varlen(data, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
+    """Property: random packed batches (empty sequences included where declared) match the brute force."""
+    case = data.draw(case_strategy(max_len=30, varlen=True, caps=impl_under_test.capabilities("nsa")), label="case")
+    check_nsa(case, nsa_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("nsa"),
+              rule=f"{A.RULE_VARLEN} / {A.RULE_NSA}")

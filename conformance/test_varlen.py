@@ -12,15 +12,22 @@ import pytest
 import torch
 
 from conformance import assertions as A
-from conformance.cases import DEFAULT_CFG, SMALL_CFG, make_inputs, on_device, problem, varlen_case
+from conformance.capabilities import require
+from conformance.cases import (
+    DEFAULT_CFG, FAMILIES, SMALL_CFG, SMALL_TIED_CFG, make_inputs, on_device, problem, selection_free, varlen_case,
+)
 
-pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads")]
+pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-VARLEN"),
+              pytest.mark.nsa_needs("varlen")]
 
 CASES = [
     varlen_case(),  # lengths [0, 5, 40, 0, 97], small config
     varlen_case((0, 31, 32, 0, 97), hq=4, hkv=2, cfg=DEFAULT_CFG, dk=24, dv=16),  # default config
     varlen_case((0, 0), hq=2, hkv=1),  # nothing at all
     varlen_case((1, 17, 2, 33), hq=16, hkv=1, seed=1),  # G = 16
+    varlen_case((0, 5, 40, 0, 97), hq=16, hkv=1, cfg=SMALL_TIED_CFG),  # tied layout, empty sequences
+    varlen_case((7, 8, 9, 33), hq=32, hkv=2, cfg=SMALL_TIED_CFG, seed=2),  # tied, no empty sequence
+    varlen_case((63, 64, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=16, dv=16),  # FLA's defaults
 ]
 
 
@@ -34,11 +41,11 @@ def pieces(case):
     return out
 
 
-def _run(slot, impl, case, dtype, device):
+def _run(slot, impl, case, dtype, device, judged=None):
     """Packed and per-sequence outputs of ``slot`` (all on the CPU)."""
     cfg = case.config()
     branch = {"compress": "cmp"}.get(slot, slot)
-    p = problem(case, branch, dtype)
+    p = problem(case, branch, dtype, judged)
     a = on_device(p.args, device)
     cu = a["cu_seqlens"]
 
@@ -70,7 +77,10 @@ def _run(slot, impl, case, dtype, device):
 @pytest.mark.parametrize("slot", ["cmp", "select", "sel", "win", "nsa"])
 def test_varlen_equals_per_sequence(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Packed == each sequence alone (rule-tolerance), and == the per-sequence brute force."""
-    packed, alone, p = _run(slot, impl_under_test, case, nsa_dtype, nsa_device)
+    judged = impl_under_test.judged_dtype(slot)
+    if slot == "nsa" and judged != torch.float64:
+        case = selection_free(case)  # below fp64 a near-tie may flip; test_sel.py pins the selection
+    packed, alone, p = _run(slot, impl_under_test, case, nsa_dtype, nsa_device, judged)
     where = f"{case} slot={slot} dtype={A.dtype_name(nsa_dtype)}"
     cu = p.args["cu_seqlens"]
     truth = p.truth[0] if isinstance(p.truth, tuple) else p.truth
@@ -79,22 +89,23 @@ def test_varlen_equals_per_sequence(slot, case, impl_under_test, nsa_device, nsa
             bad = (packed.long() != alone.long()).any(-1).any(-1).nonzero()[0].item()
             raise AssertionError(f"{A.RULE_VARLEN}: {where}: packed row {bad} selects "
                                  f"{packed[bad].tolist()}, alone {alone[bad].tolist()}")
-        if nsa_dtype == torch.float64 and not torch.equal(packed.long(), truth.long()):
+        if judged == torch.float64 and not torch.equal(packed.long(), truth.long()):
             bad = (packed.long() != truth.long()).any(-1).any(-1).nonzero()[0].item()
             raise AssertionError(f"{A.RULE_VARLEN}: {where}: packed row {bad} selects "
                                  f"{packed[bad].tolist()}, brute force {truth[bad].tolist()}")
         return
-    if slot == "nsa" and nsa_dtype != torch.float64:
-        pytest.skip("full NSA below fp64 may flip near-tied selections; test_nsa.py covers it selection-free")
-    A.assert_close(packed, truth, alone, rule=A.RULE_VARLEN, dtype=nsa_dtype, where=where, cu_seqlens=cu,
+    A.assert_close(packed, truth, alone, rule=A.RULE_VARLEN, dtype=judged, where=where, cu_seqlens=cu,
                    what="packed - brute (base: each sequence alone)")
 
 
+@pytest.mark.parametrize("case", [varlen_case((9, 0, 40, 21)),
+                                  varlen_case((9, 0, 40, 21), hq=16, hkv=1, cfg=SMALL_TIED_CFG)], ids=str)
 @pytest.mark.parametrize("slot", ["cmp", "sel", "win", "nsa"])
-def test_varlen_sequences_do_not_leak(slot, impl_under_test, nsa_device, nsa_dtype):
+def test_varlen_sequences_do_not_leak(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Changing one sequence's tokens (by a lot) leaves every other sequence's rows unchanged."""
-    case = varlen_case((9, 0, 40, 21))
     cfg = case.config()
+    uses = {"cmp": ("compress", "cmp"), "sel": ("compress", "select", "sel")}.get(slot, (slot,))
+    require(impl_under_test, uses, case)
     x = make_inputs(case, nsa_dtype, nsa_device)
     y = x.clone()
     s, e = 9, 49  # the third sequence

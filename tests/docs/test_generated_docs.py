@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conformance import docs
+from conformance.nsa_rules import RULES as NSA_RULES
 from contracts import RULES
 from nsa_ref.settings import NSASettings
 
@@ -25,6 +26,35 @@ def test_committed_docs_equal_the_regenerated_ones():
 
 def test_check_command_agrees():
     assert docs.main(["--check"]) == 0
+
+
+def test_committed_nsa_rules_document_equals_the_generated_one():
+    committed, generated = docs.regenerate_file(docs.NSA_RULES_DOC)
+    assert committed == generated, (
+        f"{docs.NSA_RULES_DOC} differs from conformance.nsa_rules (or the slot, config or capability "
+        "fields it lists); run `python -m conformance.docs` and commit the result"
+    )
+
+
+def test_nsa_rules_document_has_one_section_per_rule_and_the_conventions():
+    text = docs.nsa_rules_document()
+    sections = re.findall(r"^### (NSA-[A-Z-]+)$", text, re.M)
+    assert sections == list(NSA_RULES), "one section per rule, in catalog order"
+    for rule in NSA_RULES.values():
+        assert f"[`{rule.id}`](#{rule.id.lower()})" in text
+        assert docs._prose(rule.statement) in text and f"`{rule.tag()}`" in text
+    for needed in ("--nsa-impl=", "--nsa-dtype", "--nsa-compute-dtype", "--nsa-cap", "--nsa-report",
+                   ".capabilities = Capabilities(", "(T, Hkv, n_sel)", "floor((T - l) / d) + 1",
+                   "(never NaN)", "`-inf`", "cu_seqlens_cmp[b + 1]", "int32"):
+        assert needed in text, f"the implementer document lacks {needed!r}"
+
+
+def test_a_stale_nsa_rules_document_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "Documentation").mkdir()
+    (tmp_path / docs.NSA_RULES_DOC).write_text("old\n", encoding="utf-8")
+    monkeypatch.setattr(docs, "DOCUMENTS", {})
+    assert docs.stale(tmp_path) == [docs.NSA_RULES_DOC]
+    assert docs.write(tmp_path) == [docs.NSA_RULES_DOC] and docs.stale(tmp_path) == []
 
 
 def test_rule_table_lists_every_rule_once_with_its_fix():

@@ -59,7 +59,7 @@ class Capabilities:
       explicit_scale     cfg.scale may be set (False: only 1/sqrt(Dk))
     Shapes:
       min_group, max_group, group_power_of_two   allowed G = Hq / Hkv
-      max_head_dim, head_dim_multiple, equal_head_dims   Dk and Dv
+      min_head_dim, max_head_dim, head_dim_multiple, equal_head_dims   Dk and Dv
     Precision:
       dtypes             input dtypes accepted (names: fp64, fp32, bf16, fp16)
       compute_dtype      precision it computes in internally (e.g. "fp32" when fp64 inputs are
@@ -81,6 +81,7 @@ class Capabilities:
     max_group: int | None = None
     group_power_of_two: bool = False
     max_head_dim: int | None = None
+    min_head_dim: int = 1
     head_dim_multiple: int = 1
     equal_head_dims: bool = False
     dtypes: tuple[str, ...] = ("fp64", "fp32", "bf16", "fp16")
@@ -103,7 +104,7 @@ class Capabilities:
         tied = [f for f in _TIED_FIELDS if f in used]
         if self.tied_blocks and len({values[f] for f in tied}) > 1:
             shown = ", ".join(f"{f}={values[f]}" for f in tied)
-            reasons.append(f"config has {shown}; the implementation supports only {' == '.join(tied)}")
+            reasons.append(f"config has {shown}, the implementation supports only {' == '.join(tied)}")
         if self.block_sizes is not None:
             for f in (x for x in _TIED_FIELDS if x in used):
                 if values[f] not in self.block_sizes:
@@ -134,6 +135,8 @@ class Capabilities:
         for name, width in dims.items():
             if self.max_head_dim is not None and width > self.max_head_dim:
                 reasons.append(f"{name}={width} above the widest supported head dim {self.max_head_dim}")
+            if width < self.min_head_dim:
+                reasons.append(f"{name}={width} below the narrowest supported head dim {self.min_head_dim}")
             if width % self.head_dim_multiple:
                 reasons.append(f"{name}={width} is not a multiple of {self.head_dim_multiple}")
         if self.equal_head_dims and slot not in ("select", "compress") and dk != dv:
@@ -208,8 +211,10 @@ class Capabilities:
             raise ValueError(f"capabilities.compute_dtype={self.compute_dtype!r}; use fp64, fp32, bf16 or fp16")
         if self.max_group is not None and self.max_group < self.min_group:
             raise ValueError(f"capabilities.max_group={self.max_group} < min_group={self.min_group}")
-        if self.head_dim_multiple < 1 or self.min_group < 1 or self.min_n_sel < 1:
-            raise ValueError("capabilities: head_dim_multiple, min_group and min_n_sel must be >= 1")
+        if self.head_dim_multiple < 1 or self.min_group < 1 or self.min_n_sel < 1 or self.min_head_dim < 1:
+            raise ValueError("capabilities: head_dim_multiple, min_head_dim, min_group and min_n_sel must be >= 1")
+        if self.max_head_dim is not None and self.max_head_dim < self.min_head_dim:
+            raise ValueError(f"capabilities.max_head_dim={self.max_head_dim} < min_head_dim={self.min_head_dim}")
 
     def summary(self) -> list[str]:
         """Fields that differ from "anything", as ``key=value`` strings (report header)."""

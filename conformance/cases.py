@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from conformance.families import FAMILIES, SMALL_CFG, SMALL_TIED_CFG, family_of  # noqa: F401 (re-exported)
+from conformance.families import (  # noqa: F401 (re-exported)
+    FAMILIES, SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, family_of,
+)
 
 # Default config: paper §4.1 (l=32, d=16, l'=64, n=16 with 1 init + 2 local, w=512).
 DEFAULT_CFG: tuple[tuple[str, Any], ...] = ()
@@ -90,7 +92,8 @@ def single(T: int, hq: int, hkv: int, cfg=DEFAULT_CFG, **kw) -> Case:
 
 
 def family_cases(dk: int = DK, dv: int = DV, families=None, slow: bool = True) -> list:
-    """Every config family (``conformance.families``) x its shapes, as pytest params.
+    """Every config family (``conformance.families``) x its shapes, as pytest params; ``dk``/``dv``
+    for families that do not fix their own head dims.
 
     Shapes whose brute force takes seconds on a CPU are marked ``slow`` (run with ``-m slow``);
     ``slow=False`` leaves them out."""
@@ -99,8 +102,9 @@ def family_cases(dk: int = DK, dv: int = DV, families=None, slow: bool = True) -
     params = []
     for fam in (FAMILIES.values() if families is None else (FAMILIES[f] for f in families)):
         for shapes, marks in ((fam.shapes, []), (fam.slow if slow else (), [pytest.mark.slow])):
+            fdk, fdv = fam.dims or (dk, dv)
             for T, hq, hkv in shapes:
-                case = single(T, hq, hkv, fam.cfg, dk=dk, dv=dv)
+                case = single(T, hq, hkv, fam.cfg, dk=fdk, dv=fdv)
                 params.append(pytest.param(case, id=case.id, marks=marks))
     return params
 
@@ -118,12 +122,12 @@ def as_params(cases) -> list:
 
 
 def small_cases() -> list[Case]:
-    """Small configs (strided and tied), odd lengths crossing every block boundary of interest,
-    odd head dims (13 / 7)."""
+    """Small configs (strided and tied), odd lengths crossing every block boundary of interest;
+    odd head dims (13 / 7) in the strided layout."""
     strided = [single(T, hq, hkv, SMALL_CFG, dk=13, dv=7) for T, hq, hkv in
                ((1, 2, 2), (7, 4, 2), (9, 16, 1), (37, 4, 2))]
-    tied = [single(T, hq, hkv, SMALL_TIED_CFG, dk=13, dv=7) for T, hq, hkv in
-            ((7, 16, 1), (9, 16, 1), (24, 32, 2), (37, 16, 1), (37, 2, 2))]
+    tied = [single(T, hq, hkv, SMALL_TIED_CFG, **SMALL_TIED_DIMS) for T, hq, hkv in
+            ((15, 16, 1), (17, 16, 1), (40, 32, 2), (50, 16, 1), (50, 2, 2))]
     return strided + tied
 
 
@@ -347,15 +351,16 @@ def case_strategy(max_len: int = 40, varlen: bool = False, caps=None, slot: str 
     groups = [g for g in (1, 2, 3, 4, 16, 32) if caps.min_group <= g and (caps.max_group is None or g <= caps.max_group)
               and not (caps.group_power_of_two and g & (g - 1))][:3] or [caps.min_group]
     step = caps.head_dim_multiple
-    top = max(step, min(caps.max_head_dim or 9 * step, 9 * step) // step * step)
+    low = -(-max(caps.min_head_dim, step) // step) * step  # smallest allowed multiple of step
+    top = max(low, min(caps.max_head_dim or low + 8 * step, low + 8 * step) // step * step)
 
     @st.composite
     def build(draw):
         cfg = draw(config_strategy(caps, slot))
         G = draw(st.sampled_from(groups))
         hkv = draw(st.integers(1, 2)) if G < 16 else 1
-        dk = draw(st.integers(1, top // step)) * step
-        dv = dk if caps.equal_head_dims else draw(st.integers(1, top // step)) * step
+        dk = draw(st.integers(low // step, top // step)) * step
+        dv = dk if caps.equal_head_dims else draw(st.integers(low // step, top // step)) * step
         if varlen:
             lo = 0 if caps.empty_sequences else 1
             lengths = tuple(draw(st.lists(st.integers(lo, max_len // 2), min_size=1, max_size=4)))

@@ -406,10 +406,10 @@ These are not rules of NSA but of the interface: without them the suite cannot c
 
 
 def _nsa_slots_table() -> str:
-    from conformance.plugin import _IMPL_OPTIONS
+    from conformance.impl import IMPL_OPTIONS
 
     lines = ["| slot | flag | your callable |", "|---|---|---|"]
-    for slot, flag, what in _IMPL_OPTIONS:
+    for slot, flag, what in IMPL_OPTIONS:
         lines.append(f"| `{slot}` | `{flag}=pkg.mod:fn` | {_cell(what)} |")
     return "\n".join(lines)
 

@@ -10,7 +10,9 @@ head layouts (G = Hq / Hkv) from MHA to the paper's 16.
 
 The tied layout is the most common one in public code, so it has the most families; the
 strided ones keep the rules that only strided compression exercises (overlap weights 1,2,2,2,1,
-blocks visible mid-selection-block) and the non-default forced-block counts.
+blocks visible mid-selection-block) and the non-default forced-block counts. The tied families
+use Dk = Dv (>= 16): the public tied-layout kernels (FLA's Triton, flash_attn's window) need equal
+head dims of at least 16, and Dk != Dv stays covered by the strided families and the small cases.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Family:
     shapes: tuple[tuple[int, int, int], ...]
     why: str
     slow: tuple[tuple[int, int, int], ...] = ()
+    dims: tuple[int, int] | None = None  # (Dk, Dv); None: the grid's default (Dk != Dv)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -44,15 +47,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("tied64", _cfg(block_len=64, block_stride=64, sel_block=64, n_sel=16, n_init=1, n_local=2, window=512),
            shapes=((1, 16, 1), (63, 16, 1), (64, 16, 1), (65, 32, 2), (130, 16, 1), (200, 2, 2)),
            slow=((1025, 16, 1),),
-           why="l = d = l' = 64: FLA's defaults (its only layout)"),
+           why="l = d = l' = 64: FLA's defaults (its only layout)", dims=(32, 32)),
     Family("tied16", _cfg(block_len=16, block_stride=16, sel_block=16, n_sel=4, n_init=1, n_local=2, window=20,
                           scale=0.2),
            shapes=((1, 16, 1), (15, 16, 1), (16, 16, 1), (17, 32, 2), (37, 16, 1), (100, 16, 1), (100, 4, 2)),
-           why="tied blocks at a small size: many selection rounds, explicit scale, odd window"),
+           why="tied blocks at a small size: many selection rounds, explicit scale, odd window", dims=(32, 32)),
     Family("tied8", _cfg(block_len=8, block_stride=8, sel_block=8, n_sel=5, n_init=1, n_local=2, window=5,
                          scale=0.35),
            shapes=((7, 16, 1), (9, 16, 1), (41, 32, 2), (70, 16, 1), (70, 1, 1)),
-           why="tied blocks of 8 with 2 free picks among up to 9 blocks: the score ranking decides"),
+           why="tied blocks of 8 with 2 free picks among up to 9 blocks: the score ranking decides", dims=(16, 16)),
     Family("variant", _cfg(block_len=8, block_stride=4, sel_block=16, n_sel=4, n_init=0, n_local=3, window=7,
                            scale=0.3),
            shapes=((1, 4, 2), (9, 2, 2), (37, 16, 1), (40, 6, 2)),
@@ -62,8 +65,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 #: Small strided config (blocks of 8, stride 4, selection blocks of 16, 3 picks, window 16):
 #: every rule at a few dozen tokens; used by the varlen, causality and property tests.
 SMALL_CFG: Cfg = _cfg(block_len=8, block_stride=4, sel_block=16, n_sel=3, n_init=1, n_local=1, window=16)
-#: The tied twin of SMALL_CFG (the same tests in the l = d = l' layout).
-SMALL_TIED_CFG: Cfg = _cfg(block_len=8, block_stride=8, sel_block=8, n_sel=3, n_init=1, n_local=2, window=16)
+#: The tied twin of SMALL_CFG (the same tests in the l = d = l' layout), at the smallest block the
+#: public tied-layout kernels tile (16); its cases use Dk = Dv = 16 (see the module docstring).
+SMALL_TIED_CFG: Cfg = _cfg(block_len=16, block_stride=16, sel_block=16, n_sel=4, n_init=1, n_local=2, window=16)
+#: Head dims of the small tied cases.
+SMALL_TIED_DIMS = dict(dk=16, dv=16)
 
 
 def family_of(cfg: Cfg) -> str:

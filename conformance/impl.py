@@ -44,6 +44,16 @@ _REFERENCE_FUNCS = {
     "compress": ("compress", False),
 }
 
+#: slot -> command-line flag and what the callable must be (the plugin's options, the report's repros).
+IMPL_OPTIONS = (
+    ("nsa", "--nsa-impl", "full NSA: fn(q, k, v, gates, cfg, cu_seqlens=None) -> out (T, Hq, Dv)"),
+    ("cmp", "--nsa-cmp-impl", "cmp branch: fn(q, k_cmp, v_cmp, cfg, cu_seqlens=None) -> out or (out, lse)"),
+    ("sel", "--nsa-sel-impl", "sel branch: fn(q, k, v, block_idx, cfg, cu_seqlens=None) -> out"),
+    ("win", "--nsa-win-impl", "win branch: fn(q, k, v, cfg, cu_seqlens=None) -> out"),
+    ("select", "--nsa-select-impl", "block selection: fn(q, k_cmp, cfg, cu_seqlens=None) -> block_idx (T, Hkv, n_sel)"),
+    ("compress", "--nsa-compress-impl", "compression: fn(x, cfg, cu_seqlens=None) -> x_cmp or (x_cmp, cu_seqlens_cmp)"),
+)
+
 # Environment fallbacks, read in this one place (the command line wins).
 ENV_VARS = {
     "nsa": "NSA_CONFORMANCE_IMPL",
@@ -57,6 +67,7 @@ ENV_VARS = {
     "dtype": "NSA_CONFORMANCE_DTYPE",
     "compute_dtype": "NSA_CONFORMANCE_COMPUTE_DTYPE",
     "capabilities": "NSA_CONFORMANCE_CAPABILITIES",
+    "known_deviations": "NSA_CONFORMANCE_KNOWN_DEVIATIONS",
 }
 
 DTYPES: dict[str, torch.dtype] = {

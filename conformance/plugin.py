@@ -17,6 +17,7 @@ Options (each has an ``NSA_CONFORMANCE_*`` environment fallback, see ``conforman
 --nsa-compute-dtype=fp32       the precision the implementation computes in (judges verdicts at it)
 --nsa-capabilities=pkg.mod:OBJ a ``conformance.capabilities.Capabilities`` for every user slot
 --nsa-cap KEY=VALUE            one capability field (repeatable), e.g. ``--nsa-cap backward=false``
+--nsa-known-deviations=FILE    reviewed deviations of the implementation (strict xfails, see conformance.known_deviations)
 --nsa-report=DIR               write the per-rule conformance report (report.md + report.json) to DIR
 
 Tests outside what an implementation declares (``conformance.capabilities``) are reported as
@@ -39,15 +40,6 @@ GPU_SKIP_REASON = (
     "Run `python -m pytest -m gpu` on a machine with an NVIDIA GPU (sm80 or newer)."
 )
 
-_IMPL_OPTIONS = (
-    ("nsa", "--nsa-impl", "full NSA: fn(q, k, v, gates, cfg, cu_seqlens=None) -> out (T, Hq, Dv)"),
-    ("cmp", "--nsa-cmp-impl", "cmp branch: fn(q, k_cmp, v_cmp, cfg, cu_seqlens=None) -> out or (out, lse)"),
-    ("sel", "--nsa-sel-impl", "sel branch: fn(q, k, v, block_idx, cfg, cu_seqlens=None) -> out"),
-    ("win", "--nsa-win-impl", "win branch: fn(q, k, v, cfg, cu_seqlens=None) -> out"),
-    ("select", "--nsa-select-impl", "block selection: fn(q, k_cmp, cfg, cu_seqlens=None) -> block_idx (T, Hkv, n_sel)"),
-    ("compress", "--nsa-compress-impl", "compression: fn(x, cfg, cu_seqlens=None) -> x_cmp or (x_cmp, cu_seqlens_cmp)"),
-)
-
 
 def _cuda_available() -> bool:
     # torch.cuda.is_available() asks the driver without creating a CUDA context.
@@ -57,11 +49,11 @@ def _cuda_available() -> bool:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from conformance.impl import DTYPES, ENV_VARS, env_defaults
+    from conformance.impl import DTYPES, ENV_VARS, IMPL_OPTIONS, env_defaults
 
     env = env_defaults()
     group = parser.getgroup("nsa-conformance", "NSA conformance: implementation under test")
-    for slot, flag, what in _IMPL_OPTIONS:
+    for slot, flag, what in IMPL_OPTIONS:
         group.addoption(
             flag, dest=f"nsa_{slot}_impl", metavar="MODULE:FUNCTION", default=env[slot],
             help=f"{what}. Default: nsa_ref's own (env {ENV_VARS[slot]})",
@@ -95,6 +87,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--nsa-cap backward=false (fields: see conformance/capabilities.py)",
     )
     group.addoption(
+        "--nsa-known-deviations", dest="nsa_known_deviations", metavar="FILE", default=env["known_deviations"],
+        help="YAML file of reviewed deviations of the implementation under test (rule, test globs, why, "
+        "upstream link): matching tests become strict xfails, so CI stays green on known bugs and turns red "
+        "when one is fixed (see conformance/known_deviations.py)",
+    )
+    group.addoption(
         "--nsa-report", dest="nsa_report", metavar="DIR", default=None,
         help="write the per-rule conformance report (report.md, report.json) into DIR",
     )
@@ -116,9 +114,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "nsa_needs(*features): optional capabilities a test needs "
                             "(varlen, empty_sequences, backward, decode, lse)")
     from conformance.capabilities import parse_cap_flags
-    from conformance.impl import ImplLoadError, build
+    from conformance.impl import IMPL_OPTIONS, ImplLoadError, build
 
-    specs = {slot: config.getoption(f"nsa_{slot}_impl", None) for slot, _, _ in _IMPL_OPTIONS}
+    specs = {slot: config.getoption(f"nsa_{slot}_impl", None) for slot, _, _ in IMPL_OPTIONS}
     device = config.getoption("nsa_device", "cpu")
     if str(device).startswith("cuda") and not _cuda_available():
         raise pytest.UsageError(f"--nsa-device={device}: no CUDA device on this machine")
@@ -135,6 +133,13 @@ def pytest_configure(config: pytest.Config) -> None:
     except (ImplLoadError, ValueError) as exc:
         raise pytest.UsageError(f"nsa-conformance: {exc}") from None
     config._nsa_outcomes = {}
+    from conformance.known_deviations import KnownDeviationsError, load
+
+    path = config.getoption("nsa_known_deviations", None)
+    try:
+        config._nsa_known = load(path) if path else None
+    except KnownDeviationsError as exc:
+        raise pytest.UsageError(f"nsa-conformance: {exc}") from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -158,6 +163,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reasons = applicability(item, impl)
             if reasons:
                 item.add_marker(pytest.mark.skip(reason=NOT_APPLICABLE + "; ".join(reasons)))
+    known = getattr(config, "_nsa_known", None)
+    if known is not None:
+        for item in items:
+            entry = known.match(item.nodeid)
+            if entry is not None:
+                item.add_marker(pytest.mark.xfail(reason=entry.reason(), strict=True, raises=AssertionError))
 
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     config._nsa_gpu_skipped = 0
@@ -220,7 +231,9 @@ def pytest_runtest_logreport(report) -> None:
     if outcomes is None:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or report.failed:
-        if report.skipped:
+        if report.skipped and hasattr(report, "wasxfail"):
+            outcome, detail = "known deviation", report.wasxfail
+        elif report.skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             outcome = "not applicable" if NOT_APPLICABLE in reason else "skipped"
             detail = reason.split("Skipped: ", 1)[-1]
@@ -246,27 +259,18 @@ def pytest_runtest_makereport(item, call):
     rules[item.nodeid] = (report.nsa_rules, report.nsa_slots)
 
 
-def suite_counts(outcomes: dict) -> dict[str, int]:
-    """{applicable, passed, failed, not applicable, skipped} over recorded conformance outcomes."""
-    counts = {"applicable": 0, "passed": 0, "failed": 0, "not applicable": 0, "skipped": 0}
-    for entry in outcomes.values():
-        counts[entry["outcome"]] += 1
-        if entry["outcome"] in ("passed", "failed"):
-            counts["applicable"] += 1
-    return counts
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     impl = getattr(config, "_nsa_impl", None)
     outcomes = getattr(config, "_nsa_outcomes", {}) or {}
     rules_of = getattr(config, "_nsa_item_rules", {}) or {}
-    from conformance.rule_report import conformance_tests
+    from conformance.rule_report import conformance_tests, suite_counts
 
     conf = conformance_tests(outcomes, rules_of, impl.user_given if impl is not None else None)
     if impl is not None and impl.user_given and conf:
         c = suite_counts(conf)
+        known = f", {c['known deviation']} known deviation(s)" if c["known deviation"] else ""
         terminalreporter.write_line(
-            f"nsa-conformance: {c['applicable']} applicable ({c['passed']} passed, {c['failed']} failed), "
+            f"nsa-conformance: {c['applicable']} applicable ({c['passed']} passed, {c['failed']} failed{known}), "
             f"{c['not applicable']} not applicable, {c['skipped']} skipped otherwise "
             f"[implementation under test: {', '.join(impl.user_given)}]")
     report_dir = config.getoption("nsa_report", None)

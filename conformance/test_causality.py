@@ -13,7 +13,7 @@ import torch
 
 from conformance import assertions as A
 from conformance import brute
-from conformance.cases import DEFAULT_CFG, FAMILIES, SMALL_CFG, SMALL_TIED_CFG, make_inputs, single
+from conformance.cases import DEFAULT_CFG, FAMILIES, SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, make_inputs, single
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-CAUSAL")]
 
@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("
 SETUPS = [
     (single(48, 4, 2, SMALL_CFG, dk=13, dv=7), (0, 6, 7, 8, 15, 16, 30)),
     (single(97, 4, 2, DEFAULT_CFG), (30, 31, 47, 63, 64)),
-    (single(48, 16, 1, SMALL_TIED_CFG, dk=13, dv=7), (0, 6, 7, 8, 15, 16, 30)),
-    (single(150, 16, 1, FAMILIES["tied64"].cfg, dk=16, dv=16), (62, 63, 64, 127, 128)),
+    (single(60, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS), (0, 14, 15, 16, 31, 32, 47)),
+    (single(150, 16, 1, FAMILIES["tied64"].cfg, dk=32, dv=32), (62, 63, 64, 127, 128)),
 ]
 PARAMS = [pytest.param(case, t0, id=f"{case}-t0={t0}") for case, cuts in SETUPS for t0 in cuts]
 

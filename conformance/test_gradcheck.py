@@ -20,7 +20,7 @@ from torch.autograd.gradcheck import GradcheckError
 from conformance import assertions as A
 from conformance import brute
 from conformance.capabilities import NOT_APPLICABLE, require
-from conformance.cases import SMALL_TIED_CFG, lengths_to_cu, single, varlen_case
+from conformance.cases import SMALL_TIED_CFG, SMALL_TIED_DIMS, lengths_to_cu, single, varlen_case
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-GRAD"),
               pytest.mark.nsa_needs("backward")]
@@ -64,10 +64,13 @@ def _differentiable_or_skip(impl_under_test, slot: str, fn, *inputs):
     An implementation that declares a compute precision coarser than fp64 is "not applicable":
     finite differences at eps = 1e-6 need fp64 arithmetic."""
     user = not impl_under_test.slots[slot].is_reference
-    judged = impl_under_test.judged_dtype(slot)
-    if user and judged != torch.float64 and inputs[0].dtype == torch.float64:
+    caps = impl_under_test.capabilities(slot)
+    if user and "fp64" not in caps.dtypes:
+        pytest.skip(f"{NOT_APPLICABLE}{slot}: gradcheck needs fp64 inputs; the implementation declares dtypes "
+                    f"{', '.join(caps.dtypes)}")
+    if user and caps.judged_dtype("fp64") != "fp64":
         pytest.skip(f"{NOT_APPLICABLE}{slot}: gradcheck needs fp64 arithmetic; the implementation declares it "
-                    f"computes in {A.dtype_name(impl_under_test.capabilities(slot).compute_dtype)}")
+                    f"computes in {caps.compute_dtype}")
     try:
         out = fn(*inputs)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
@@ -142,7 +145,8 @@ def test_gradcheck_nsa_varlen(case, impl_under_test, nsa_device):
 
 @pytest.mark.nsa_rule("NSA-FINITE", "NSA-CMP-EMPTY")
 @pytest.mark.parametrize("case", [varlen_case((0, 5, 35, 0), hq=4, hkv=2, dk=16, dv=8),
-                                  varlen_case((0, 5, 35, 0), hq=16, hkv=1, dk=16, dv=8, cfg=SMALL_TIED_CFG)], ids=str)
+                                  varlen_case((0, 5, 35, 0), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((5, 35), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
 @pytest.mark.parametrize("slot", ["cmp", "sel", "win", "nsa"])
 def test_grads_finite_and_empty_rows_zero(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Backward in the dtype under test: all gradients finite; for cmp, rows t < l - 1 (T=40,

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conformance import assertions as A
 from conformance import brute
 from conformance.cases import (
-    SMALL_CFG, SMALL_TIED_CFG, as_params, case_strategy, default_cases, on_device, problem, property_settings,
+    SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, as_params, case_strategy, default_cases, on_device, problem, property_settings,
     selection_free, single, small_cases,
 )
 
@@ -101,7 +101,7 @@ def test_nsa_matches_brute(case, nsa_impl, impl_under_test, nsa_device, nsa_dtyp
 @pytest.mark.nsa_rule("NSA-GATE")
 @pytest.mark.parametrize("branch", BRANCHES)
 @pytest.mark.parametrize("case", [single(37, 16, 1, SMALL_CFG, dk=13, dv=7, seed=3),
-                                  single(37, 16, 1, SMALL_TIED_CFG, dk=13, dv=7, seed=3),
+                                  single(37, 16, 1, SMALL_TIED_CFG, seed=3, **SMALL_TIED_DIMS),
                                   single(9, 4, 2, SMALL_CFG, dk=13, dv=7, seed=3)], ids=str)
 def test_nsa_one_hot_gates_isolate_branch(branch, case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
     """gates = e_branch -> the output is exactly that branch's brute-force output (gate order)."""
@@ -123,7 +123,7 @@ def test_nsa_one_hot_gates_isolate_branch(branch, case, nsa_impl, impl_under_tes
 
 @pytest.mark.nsa_rule("NSA-CMP-EMPTY", "NSA-FINITE")
 @pytest.mark.parametrize("case", [single(7, 4, 2, SMALL_CFG, dk=13, dv=7),
-                                  single(7, 16, 1, SMALL_TIED_CFG, dk=13, dv=7)], ids=str)
+                                  single(7, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
 def test_nsa_empty_cmp_rows_finite(case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
     """T < l: the cmp branch is empty on every row (contributes exactly 0); output finite, equal to the brute force."""
     check_nsa(case, nsa_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("nsa"))

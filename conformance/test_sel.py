@@ -17,7 +17,7 @@ from conformance import assertions as A
 from conformance import brute
 from conformance.capabilities import require
 from conformance.cases import (
-    FAMILIES, SMALL_CFG, SMALL_TIED_CFG, as_params, case_strategy, default_cases, make_inputs, on_device, problem, property_settings, single,
+    FAMILIES, SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, as_params, case_strategy, default_cases, make_inputs, on_device, problem, property_settings, single,
     small_cases, tie_rtol, varlen_case,
 )
 
@@ -99,10 +99,10 @@ def random_block_idx(case, gen: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.nsa_rule("NSA-SEL-ATTN")
 @pytest.mark.parametrize("case", [single(97, 4, 2), single(37, 4, 2, SMALL_CFG, dk=13, dv=7),
-                                  single(37, 16, 1, SMALL_TIED_CFG, dk=13, dv=7),
-                                  single(130, 16, 1, CASES_TIED64, dk=16, dv=16),
+                                  single(37, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  single(130, 16, 1, CASES_TIED64, dk=32, dv=32),
                                   varlen_case((5, 0, 30, 17), hq=6, hkv=2, dk=8, dv=5),
-                                  varlen_case((5, 30, 17), hq=16, hkv=1, dk=8, dv=8, cfg=SMALL_TIED_CFG)], ids=str)
+                                  varlen_case((5, 30, 17), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
 def test_sel_any_block_set(case, sel_impl, impl_under_test, nsa_device, nsa_dtype):
     """Arbitrary valid block sets: blocks after t contribute nothing (s <= t), a row with no
     visible token is exactly 0 and not NaN."""
@@ -120,22 +120,24 @@ def test_select_ties_go_to_lower_index(select_impl, impl_under_test, nsa_device,
     from nsa_ref import NSAConfig
 
     cfg = NSAConfig(block_len=4, block_stride=4, sel_block=4, n_sel=4, n_init=1, n_local=2, window=4)
-    T, Dk, G = 24, 16, 16
-    require(impl_under_test, "select", single(T, G, 1, tuple(sorted(cfg.model_dump(exclude={"compress"}).items())),
-                                              dk=Dk, dv=Dk))
+    Dk, G = 16, 16
     u = torch.linspace(-1, 1, Dk, dtype=torch.float64)
-    q = u.expand(T, G, Dk).clone()  # G query heads, one KV head
-    # (Tc=6, Hkv=1, Dk): blocks 1 and 2 identical, block 3 opposite; 4 and 5 are the local blocks at t=23.
-    k_cmp = torch.stack([0.3 * u.flip(0), u, u, -u, 0.1 * u, -0.2 * u]).unsqueeze(1)
-    idx = select_impl(q.to(nsa_device, nsa_dtype), k_cmp.to(nsa_device, nsa_dtype), cfg, None).cpu()
-    where = "tie case (l=d=l'=4, n_sel=4, n_init=1, n_local=2)"
-    # t=19 (c=4): forced 0, 3, 4; one free pick among 1, 2 (a tie).
-    # t=23 (c=5): forced 0, 4, 5; one free pick among 1, 2, 3: 1 and 2 tie and beat 3.
-    for t, want in ((19, [0, 1, 3, 4]), (23, [0, 1, 4, 5])):
-        got = sorted(j for j in idx[t, 0].tolist() if j >= 0)
-        if got != want:
-            raise AssertionError(f"{A.tag('NSA-SEL-TIES')}: {where}: t={t}: picked {idx[t, 0].tolist()}, "
-                                 f"expected {want} (blocks 1 and 2 tie exactly; the lower index wins)")
+    # Compressed blocks: 1 and 2 identical (an exact tie), 3 opposite; 4 and 5 only matter as local blocks.
+    blocks = [0.3 * u.flip(0), u, u, -u, 0.1 * u, -0.2 * u]
+    # (T, t, expected): t=16 (c=4): forced 0, 3, 4, one free pick among 1, 2; t=19 the same;
+    # t=23 (c=5): forced 0, 4, 5, one free pick among 1, 2, 3 (1 and 2 tie and beat 3).
+    for T, checks in ((17, ((16, [0, 1, 3, 4]),)), (24, ((19, [0, 1, 3, 4]), (23, [0, 1, 4, 5])))):
+        require(impl_under_test, "select",
+                single(T, G, 1, tuple(sorted(cfg.model_dump(exclude={"compress"}).items())), dk=Dk, dv=Dk))
+        q = u.expand(T, G, Dk).clone()  # G query heads along the duplicated key, one KV head
+        k_cmp = torch.stack(blocks[: cfg.num_cmp_blocks(T)]).unsqueeze(1)  # (Tc, Hkv=1, Dk)
+        idx = select_impl(q.to(nsa_device, nsa_dtype), k_cmp.to(nsa_device, nsa_dtype), cfg, None).cpu()
+        where = f"tie case (l=d=l'=4, n_sel=4, n_init=1, n_local=2, T={T})"
+        for t, want in checks:
+            got = sorted(j for j in idx[t, 0].tolist() if j >= 0)
+            if got != want:
+                raise AssertionError(f"{A.tag('NSA-SEL-TIES')}: {where}: t={t}: picked {idx[t, 0].tolist()}, "
+                                     f"expected {want} (blocks 1 and 2 tie exactly; the lower index wins)")
 
 
 @pytest.mark.nsa_rule("NSA-SEL-TIES", "NSA-SEL-FORCED")

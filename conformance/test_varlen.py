@@ -14,7 +14,7 @@ import torch
 from conformance import assertions as A
 from conformance.capabilities import require
 from conformance.cases import (
-    DEFAULT_CFG, FAMILIES, SMALL_CFG, SMALL_TIED_CFG, make_inputs, on_device, problem, selection_free, varlen_case,
+    DEFAULT_CFG, FAMILIES, SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, make_inputs, on_device, problem, selection_free, varlen_case,
 )
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-VARLEN"),
@@ -25,9 +25,9 @@ CASES = [
     varlen_case((0, 31, 32, 0, 97), hq=4, hkv=2, cfg=DEFAULT_CFG, dk=24, dv=16),  # default config
     varlen_case((0, 0), hq=2, hkv=1),  # nothing at all
     varlen_case((1, 17, 2, 33), hq=16, hkv=1, seed=1),  # G = 16
-    varlen_case((0, 5, 40, 0, 97), hq=16, hkv=1, cfg=SMALL_TIED_CFG),  # tied layout, empty sequences
-    varlen_case((7, 8, 9, 33), hq=32, hkv=2, cfg=SMALL_TIED_CFG, seed=2),  # tied, no empty sequence
-    varlen_case((63, 64, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=16, dv=16),  # FLA's defaults
+    varlen_case((0, 5, 40, 0, 97), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),  # tied, empty sequences
+    varlen_case((15, 16, 17, 50), hq=32, hkv=2, cfg=SMALL_TIED_CFG, seed=2, **SMALL_TIED_DIMS),  # tied, none empty
+    varlen_case((63, 64, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=32, dv=32),  # FLA's defaults
 ]
 
 
@@ -99,7 +99,8 @@ def test_varlen_equals_per_sequence(slot, case, impl_under_test, nsa_device, nsa
 
 
 @pytest.mark.parametrize("case", [varlen_case((9, 0, 40, 21)),
-                                  varlen_case((9, 0, 40, 21), hq=16, hkv=1, cfg=SMALL_TIED_CFG)], ids=str)
+                                  varlen_case((9, 0, 40, 21), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((9, 40, 21), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
 @pytest.mark.parametrize("slot", ["cmp", "sel", "win", "nsa"])
 def test_varlen_sequences_do_not_leak(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Changing one sequence's tokens (by a lot) leaves every other sequence's rows unchanged."""

@@ -17,7 +17,7 @@ from conformance.cases import (
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-WIN", "NSA-SCALE")]
 
 # Window edges: w = 1 (only itself), w = T - 1, T and T + 1 (no cut), and the default 512 < 1025.
-EDGE_CASES = [single(T, hq, hkv, SMALL_CFG, dk=13, dv=7).with_cfg(window=w)
+EDGE_CASES = [single(T, hq, hkv, SMALL_CFG, dk=16, dv=16).with_cfg(window=w)
               for T, w, hq, hkv in ((9, 1, 4, 2), (9, 2, 16, 1), (9, 8, 4, 2), (9, 9, 16, 1), (9, 10, 16, 1),
                                     (33, 5, 32, 2))]
 CASES = default_cases() + as_params(small_cases() + EDGE_CASES)

@@ -94,9 +94,10 @@ def test_statuses_counts_and_attribution():
     assert rules["NSA-CMP-LSE"]["not_applicable_reasons"] == [
         "cmp: G = Hq/Hkv = 16 outside the supported group sizes 1..2", "cmp: Dk=13 is not a multiple of 8"]
     assert status["NSA-DECODE"] == "not tested" and rules["NSA-DECODE"]["counts"]["skipped"] == 1
-    assert report["rule_counts"] == {"failed": 2, "passed": 2, "not applicable": 1, "not tested": len(RULES) - 5}
-    assert report["totals"] == {"tests": 6, "applicable": 4, "passed": 2, "failed": 2, "not applicable": 1,
-                                "skipped": 1, "applicable_fraction": 0.8}
+    assert report["rule_counts"] == {"failed": 2, "known deviation": 0, "passed": 2, "not applicable": 1,
+                                     "not tested": len(RULES) - 5}
+    assert report["totals"] == {"tests": 6, "applicable": 4, "passed": 2, "failed": 2, "known deviation": 0,
+                                "not applicable": 1, "skipped": 1, "applicable_fraction": 0.8}
     assert report["unattributed_failures"] == [UNMARKED]
 
 
@@ -143,8 +144,8 @@ def test_write_report_writes_sorted_json_and_markdown(tmp_path):
     data = json.loads(text)
     assert text == json.dumps(data, indent=2, sort_keys=True) + "\n", "stable, sorted JSON"
     md = paths[1].read_text(encoding="utf-8")
-    assert "| rule | title | status | passed | failed | n/a |" in md
-    assert f"| `NSA-WIN` | {RULES['NSA-WIN'].title} | **failed** | 1 | 1 | 0 |" in md
+    assert "| rule | title | status | passed | failed | known deviation | n/a |" in md
+    assert f"| `NSA-WIN` | {RULES['NSA-WIN'].title} | **failed** | 1 | 1 | 0 | 0 |" in md
     assert "## Failures (2 rules)" in md and _rules(data)["NSA-WIN"]["first_failure"]["repro"] in md
     assert "## Not applicable" in md and "cmp: Dk=13 is not a multiple of 8" in md
     assert "applicable fraction 80.0% (4 of 5)" in md and UNMARKED in md

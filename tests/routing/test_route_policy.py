@@ -37,13 +37,6 @@ DEVICES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_telemetry():
-    telemetry.reset()
-    yield
-    telemetry.reset()
-
-
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """fake_cuda(capability, name, fa2_present) -> router.DeviceFacts of that faked GPU for a dtype.

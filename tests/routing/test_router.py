@@ -14,13 +14,6 @@ def _qkv(T=64, hq=8, hkv=2, d=64, dtype=torch.bfloat16):
     return torch.zeros(T, hq, d, dtype=dtype), torch.zeros(T, hkv, d, dtype=dtype), torch.zeros(T, hkv, d, dtype=dtype)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    telemetry.reset()
-    yield
-    telemetry.reset()
-
-
 @pytest.fixture
 def gpu_like(monkeypatch):
     """Pretend the inputs are on a GPU with a usable provider, to reach the later rules on CPU."""

@@ -262,3 +262,15 @@ def test_check_writes_the_rule_report_beside_check_report(tmp_path, monkeypatch)
     assert check["options"]["nsa_cap"] == ["max_group=2"]
     assert "## Per-rule report" in (out / "check_report.md").read_text(encoding="utf-8")
     _check_wrong_win_report(json.loads((out / "rules" / "report.json").read_text(encoding="utf-8")))
+
+
+def test_known_deviation_counts_for_the_rule_its_entry_names():
+    nodeid = "conformance/test_nsa.py::test_nsa_matches_brute[tied16-T=15]"
+    outcomes = {nodeid: {"outcome": "known deviation",
+                         "detail": "known deviation [NSA-SCALE]: window ignores scale (upstream: none)"}}
+    rules_of = {nodeid: (["NSA-FULL", "NSA-GATE", "NSA-SCALE"], ["nsa"])}
+    report = rule_report.build_rule_report(_impl(), outcomes, rules_of)
+    status = {r["id"]: r["status"] for r in report["rules"]}
+    assert status["NSA-SCALE"] == "known deviation"
+    assert status["NSA-FULL"] == "not tested" and status["NSA-GATE"] == "not tested"
+    assert report["totals"]["known deviation"] == 1 and report["totals"]["applicable"] == 1

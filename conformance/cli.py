@@ -2,7 +2,7 @@
 
     nsa-fa2 env [--json]                  GPU, driver, CUDA, torch, FA-2 providers, NSA_* settings
     nsa-fa2 check [--quick] [--impl MODULE:FUNCTION] [--nsa-dtype D] [--nsa-device DEV]
-                  [--nsa-compute-dtype D] [--nsa-cap KEY=VALUE] [-k EXPR] [--out DIR] [-- PYTEST_ARGS...]
+                  [--nsa-compute-dtype D] [--nsa-cap KEY=VALUE] [--nsa-known-deviations FILE] [-k EXPR] [--out DIR] [-- PYTEST_ARGS...]
                                           run the conformance suite, write a Markdown + JSON report
                                           and the per-rule report (DIR/rules/report.md + .json)
     nsa-fa2 bench [bench options]         the timing sweep (conformance.bench; needs CUDA)
@@ -240,7 +240,8 @@ def pytest_command(phase: Phase, target: Path, junit: Path, impl: str | None, ex
 def nsa_flags(args: argparse.Namespace) -> list[str]:
     """The implementation options of ``check`` as the plugin's pytest flags."""
     flags = [f"--{name.replace('_', '-')}={getattr(args, name)}"
-             for name in ("nsa_dtype", "nsa_device", "nsa_compute_dtype") if getattr(args, name, None)]
+             for name in ("nsa_dtype", "nsa_device", "nsa_compute_dtype", "nsa_known_deviations")
+             if getattr(args, name, None)]
     return flags + [f"--nsa-cap={cap}" for cap in getattr(args, "nsa_cap", None) or []]
 
 
@@ -262,6 +263,13 @@ def validate_nsa_flags(args: argparse.Namespace) -> None:
         ANYTHING.with_overrides(parse_cap_flags(args.nsa_cap or []))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if getattr(args, "nsa_known_deviations", None):
+        from conformance.known_deviations import KnownDeviationsError, load
+
+        try:
+            load(args.nsa_known_deviations)
+        except KnownDeviationsError as exc:
+            raise CLIError(str(exc)) from None
 
 
 # --- the per-rule report of the check ------------------------------------------------------------------
@@ -600,7 +608,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     env = environment()
     options = {"quick": args.quick, "impl": args.impl, "k": args.k, "target": str(target),
                "pytest_args": list(args.pytest_args), "nsa_dtype": args.nsa_dtype, "nsa_device": args.nsa_device,
-               "nsa_compute_dtype": args.nsa_compute_dtype, "nsa_cap": list(args.nsa_cap or [])}
+               "nsa_compute_dtype": args.nsa_compute_dtype, "nsa_cap": list(args.nsa_cap or []),
+               "nsa_known_deviations": args.nsa_known_deviations}
     rules = collect_rule_report(out, report_dirs)
     report = build_report(env, phases, cases_by_phase, options, cuda, started, time.monotonic() - t0, rules)
     (out / "env.json").write_text(json.dumps(env, indent=2, default=str) + "\n", encoding="utf-8")
@@ -721,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="precision the implementation computes in (verdicts use that tolerance row)")
     p_check.add_argument("--nsa-cap", metavar="KEY=VALUE", action="append", default=[],
                          help="one declared capability field, repeatable (e.g. --nsa-cap backward=false)")
+    p_check.add_argument("--nsa-known-deviations", metavar="FILE",
+                         help="reviewed deviations of the implementation (YAML; strict xfails, see "
+                         "conformance/known_deviations.py)")
     p_check.add_argument("-k", metavar="EXPR", help="pytest -k expression, combined with --quick by 'and'")
     p_check.add_argument("--out", metavar="DIR", help="report directory (default artifacts/<today>/check)")
     p_check.add_argument("--target", metavar="PATH", help="tests to run (default: the conformance suite)")

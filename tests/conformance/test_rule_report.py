@@ -166,9 +166,10 @@ def test_merge_adds_up_runs():
 
 def test_check_forwards_the_implementation_flags_and_the_report_dir():
     args = argparse.Namespace(nsa_dtype="bf16", nsa_device="cuda", nsa_compute_dtype=None,
-                              nsa_cap=["backward=false", "min_group=2"])
+                              nsa_known_deviations="dev.yaml", nsa_cap=["backward=false", "min_group=2"])
     flags = cli.nsa_flags(args)
-    assert flags == ["--nsa-dtype=bf16", "--nsa-device=cuda", "--nsa-cap=backward=false", "--nsa-cap=min_group=2"]
+    assert flags == ["--nsa-dtype=bf16", "--nsa-device=cuda", "--nsa-known-deviations=dev.yaml",
+                     "--nsa-cap=backward=false", "--nsa-cap=min_group=2"]
     (phase,) = cli.plan_phases(False, False, None)
     cmd = cli.pytest_command(phase, Path("conformance"), Path("j.xml"), "pkg.mod:fn", ["-x"],
                              report_dir=Path("out/rules"), nsa_flags=flags)
@@ -180,6 +181,7 @@ def test_check_forwards_the_implementation_flags_and_the_report_dir():
     (["--nsa-dtype", "fp8"], "--nsa-dtype=fp8"),
     (["--nsa-cap", "wings=2"], "unknown capability 'wings'"),
     (["--nsa-cap", "backward"], "expected KEY=VALUE"),
+    (["--nsa-known-deviations", "no/such.yaml"], "cannot read it"),
 ])
 def test_check_refuses_bad_implementation_flags(tmp_path, capsys, argv, says):
     assert cli.main(["check", *argv, "--out", str(tmp_path / "o")]) == cli.EXIT_USAGE

@@ -30,7 +30,8 @@ import contextlib
 
 import pytest
 
-from conformance.capabilities import NOT_APPLICABLE  # noqa: E402 (light: no torch import)
+from conformance.capabilities import NOT_APPLICABLE  # stdlib only: no torch at plugin import
+
 #: Fixture name -> the implementation slot a test calls through it.
 SLOT_FIXTURES = {"nsa_impl": "nsa", "cmp_impl": "cmp", "sel_impl": "sel", "win_impl": "win",
                  "select_impl": "select", "compress_impl": "compress"}
@@ -133,6 +134,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except (ImplLoadError, ValueError) as exc:
         raise pytest.UsageError(f"nsa-conformance: {exc}") from None
     config._nsa_outcomes = {}
+    config._nsa_item_rules = {}
     from conformance.known_deviations import KnownDeviationsError, load
 
     path = config.getoption("nsa_known_deviations", None)
@@ -222,41 +224,35 @@ def applicability(item, impl) -> list[str]:
     return reasons
 
 
-def pytest_runtest_logreport(report) -> None:
-    """Remember each test's outcome (for the applicable/passed/failed counts and the report)."""
-    config = getattr(report, "config", None)
-    if config is None:
-        return
-    outcomes = getattr(config, "_nsa_outcomes", None)
-    if outcomes is None:
-        return
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or report.failed:
-        if report.skipped and hasattr(report, "wasxfail"):
-            outcome, detail = "known deviation", report.wasxfail
-        elif report.skipped:
-            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            outcome = "not applicable" if NOT_APPLICABLE in reason else "skipped"
-            detail = reason.split("Skipped: ", 1)[-1]
-        elif report.failed:
-            outcome, detail = "failed", str(report.longrepr)
-        else:
-            outcome, detail = "passed", ""
-        previous = outcomes.get(report.nodeid)
-        if previous is None or previous["outcome"] == "passed":
-            outcomes[report.nodeid] = {"outcome": outcome, "detail": detail}
+def _outcome(report) -> tuple[str, str]:
+    """(outcome, detail) of one test report: passed / failed / known deviation / not applicable / skipped."""
+    if report.skipped and hasattr(report, "wasxfail"):
+        return "known deviation", report.wasxfail
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        return ("not applicable" if NOT_APPLICABLE in reason else "skipped"), reason.split("Skipped: ", 1)[-1]
+    if report.failed:
+        return "failed", str(report.longrepr)
+    return "passed", ""
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    report.config = item.config
-    report.nsa_rules = item_rules(item)
-    report.nsa_slots = item_slots(item)
-    rules = getattr(item.config, "_nsa_item_rules", None)
-    if rules is None:
-        rules = item.config._nsa_item_rules = {}
-    rules[item.nodeid] = (report.nsa_rules, report.nsa_slots)
+    """Remember each test's outcome, rules and slots (the summary counts and the per-rule report).
+
+    The call phase decides, or setup when it did not pass (a skip), or any phase that failed; a
+    later failure (teardown) overrides an earlier pass."""
+    report = (yield).get_result()
+    config = item.config
+    outcomes = getattr(config, "_nsa_outcomes", None)
+    if outcomes is None:
+        return
+    config._nsa_item_rules[item.nodeid] = (item_rules(item), item_slots(item))
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed") or report.failed:
+        outcome, detail = _outcome(report)
+        previous = outcomes.get(item.nodeid)
+        if previous is None or previous["outcome"] == "passed":
+            outcomes[item.nodeid] = {"outcome": outcome, "detail": detail}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -34,6 +34,8 @@ class Rule(BaseModel):
     kind: Kind
     applies_to: tuple[CallKind, ...]
     mode: Literal["meta", "strict"] = "meta"
+    # "backward": checked only when a backward runs (guarded(): when it starts; *_reasons: backward=True).
+    phase: Literal["forward", "backward"] = "forward"
     source: str
     symptom: str
     fix: str
@@ -293,6 +295,75 @@ RULES: dict[str, Rule] = _rules(
         symptom="RuntimeError from the kernel",
         fix="pass alibi_slopes as a float32 tensor of shape (Hq,) or (B, Hq) with stride(-1) == 1",
     ),
+    Rule(
+        id="FA2-BWD-ARCH",
+        title="flash_attn < 2.7.3: large-head backwards only on sm80/sm90",
+        kind="clean-error",
+        applies_to=("dense", "varlen"),
+        phase="backward",
+        source="api mha_bwd / mha_varlen_bwd 2.5.0-2.7.2: TORCH_CHECK(is_sm80 || is_sm90, 'FlashAttention backward for head dim ...'); "
+               "d > 192 (2.5.0-2.5.4), d in (192, 224] or d > 224 with dropout (2.5.5-2.6.1), d > 192 with dropout (2.6.2-2.7.2)",
+        symptom="RuntimeError 'FlashAttention backward for head dim > 192 ... requires A100/A800 or H100/H800' when backward starts",
+        fix="train on an sm80/sm90 GPU, use head dim <= 192 (or dropout_p=0 where the release allows it), or upgrade flash_attn",
+    ),
+    Rule(
+        id="FA2-SOFTMAX-SCALE",
+        title="softmax_scale finite and > 0",
+        kind="corruption",
+        applies_to=ALL,
+        source="api set_params_fprop passes the float on unchecked; src softmax.h subtracts the row max of the unscaled scores "
+               "(sanity rule: FA-2 itself checks nothing)",
+        symptom="NaN / inf softmax_scale: NaN output, no error; a negative one makes every exponent >= 0 (the max of the unscaled "
+                "scores is the min of the scaled ones): inf / NaN or wrong weights; 0 weighs every key the same",
+        fix="pass softmax_scale=None (1/sqrt(head dim)) or a finite positive float",
+    ),
+    Rule(
+        id="FA2-ROTARY-NEW-KV",
+        title="rotary_cos/rotary_sin only together with new k and v",
+        kind="clean-error",
+        applies_to=("kvcache",),
+        source="api mha_fwd_kvcache: 'If rotary cos/sin are provided, new key / value to be appended to KV cache must also be provided'",
+        symptom="RuntimeError from the kernel (FA-2's own kvcache test skips rotary without new k/v)",
+        fix="pass the new tokens as k and v with rotary_cos/rotary_sin, or apply the rotary embedding to q yourself and drop cos/sin",
+    ),
+    Rule(
+        id="FA2-ROTARY-DIM",
+        title="rotary_dim = 2 * rotary_cos.shape[1] is <= head dim and a multiple of 16",
+        kind="clean-error",
+        applies_to=("kvcache",),
+        source="api mha_fwd_kvcache: 'rotary_dim must be <= headdim', 'Only rotary dimensions divisible by 16 are currently supported'",
+        symptom="RuntimeError from the kernel",
+        fix="build cos/sin with rotary_dim / 2 columns, rotary_dim a multiple of 16 and at most the head dim",
+    ),
+    Rule(
+        id="FA2-ROTARY-TABLE",
+        title="rotary_cos and rotary_sin: both given, (seqlen_ro, rotary_dim / 2), seqlen_ro >= cache length, contiguous, q's dtype",
+        kind="clean-error",
+        applies_to=("kvcache",),
+        source="api mha_fwd_kvcache: 'cos/sin seqlen must be at least the seqlen of KV cache', CHECK_SHAPE / CHECK_CONTIGUOUS(rotary_cos, "
+               "rotary_sin), 'rotary_cos must have the same dtype as query', 'If rotary cos is provided, rotary sin must also be provided'",
+        symptom="RuntimeError from the kernel; rotary_sin without rotary_cos is silently ignored (no rotation)",
+        fix="pass contiguous cos and sin of one shape (seqlen_ro >= k_cache capacity, rotary_dim / 2) in q's dtype",
+    ),
+    Rule(
+        id="FA2-PACKED-SHAPE",
+        title="packed qkv has 3 entries on its packing dim, packed kv 2",
+        kind="semantics",
+        applies_to=("dense", "varlen"),
+        source="iface FlashAttn*QKVPackedFunc / *KVPackedFunc: q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2] (varlen: qkv[:, 0] ...)",
+        symptom="IndexError when the packing dim is shorter; entries past the third (second) silently ignored when longer",
+        fix="dense qkv: (B, S, 3, H, D), kv: (B, S, 2, Hkv, D); varlen qkv: (T, 3, H, D), kv: (T, 2, Hkv, D)",
+    ),
+    Rule(
+        id="FA2-ARG-UNSUPPORTED",
+        title="only arguments the installed release has",
+        kind="clean-error",
+        applies_to=ALL,
+        source="iface signatures per release: softcap and return_softmax_lse since 2.6.0, cache_leftpad since 2.6.1, varlen "
+               "block_table since 2.5.7; torch's op: no softcap, block_table from torch 2.13",
+        symptom="TypeError 'unexpected keyword argument', or a positional argument landing in another parameter",
+        fix="drop the argument (softcap=0, no block_table / cache_leftpad) or upgrade the provider",
+    ),
     # --- what the kernels do not check -----------------------------------------------------------
     Rule(
         id="FA2-GRID-LIMIT",
@@ -308,6 +379,7 @@ RULES: dict[str, Rule] = _rules(
         title="backward offsets fit in int32",
         kind="crash",
         applies_to=("dense", "varlen"),
+        phase="backward",
         source="api/src dq_accum row offset computed in int (issues #1311, PR #1500; fixed only on main, PR #2260)",
         symptom="illegal memory access in the backward (b * round_up(sq,128) * h * d_rounded >= 2**31)",
         fix="split the batch (or heads) so the product stays below 2**31, or run without autograd",
@@ -317,6 +389,7 @@ RULES: dict[str, Rule] = _rules(
         title="no backward with dropout and 192 < d <= 256 on sm86/sm89/sm120",
         kind="corruption",
         applies_to=("dense", "varlen"),
+        phase="backward",
         source="src flash_bwd_launch_template.h run_mha_bwd_hdim256 (since 2.7.3)",
         symptom="no backward kernel is launched: garbage gradients, no error",
         fix="use dropout_p=0, head dim <= 192, or an sm80/sm90 GPU for training",
@@ -493,8 +566,37 @@ NOTES: tuple[tuple[str, str], ...] = (
     ),
     (
         "backward rules",
-        "FA2-INT32-OFFSET and FA2-BWD-GARBAGE-GRADS only fire when a backward will run: "
-        "requires_grad=True, or requires_grad=None with grad mode on and q, k or v requiring grad.",
+        "FA2-INT32-OFFSET, FA2-BWD-GARBAGE-GRADS and FA2-BWD-ARCH (phase: backward) are about the "
+        "backward kernel. guarded() checks the forward rules before the forward and, when autograd "
+        "records the call and a backward rule fails, hooks the output's grad_fn so the "
+        "FA2ContractError is raised when backward starts, before the backward kernel; a forward-only "
+        "call (inference, or FA-2's own forward-only tests on sm86) is never refused for them. "
+        "The *_reasons functions take backward=True (check them too), False (forward only) or None "
+        "(the default: whether autograd will record the call, i.e. grad mode on and an input "
+        "requiring grad); requires_grad= is the old name of backward=.",
+    ),
+    (
+        "arguments with no rule",
+        "deterministic (backward only: nsplits zeroed copies of the dq accumulator, no check in "
+        "FA-2), return_attn_probs (flash_attn asks for the probabilities only when dropout_p > 0; "
+        "torch's return_debug_mask is FA2-RETURN-SOFTMAX), return_softmax_lse (kvcache: returns "
+        "the lse too), rotary_interleaved (which pairs rotate) and num_splits <= 128 are accepted "
+        "as given; each is modelled so FA2-ARG-UNSUPPORTED can say when a release lacks it.",
+    ),
+    (
+        "versions",
+        "spec_for('flash_attn') reads the installed version from package metadata and models "
+        "releases 2.5.0 to 2.8.3 one by one (contracts/versions.py: signatures, arguments, the "
+        "backward arch check; 2.7.3 switches FA2-BWD-ARCH to FA2-BWD-GARBAGE-GRADS and the arch "
+        "allow-list to major >= 8). A newer version is checked with the 2.8.3 rules and an older "
+        "one with the 2.5.0 rules, each with a UserWarning.",
+    ),
+    (
+        "packed entry points",
+        "flash_attn_qkvpacked_func, flash_attn_kvpacked_func and their varlen forms are checked "
+        "as the dense / varlen call they make on the unpacked views (same rules, messages naming "
+        "qkv / kv), plus FA2-PACKED-SHAPE; guarded() kinds qkvpacked, kvpacked, varlen_qkvpacked, "
+        "varlen_kvpacked.",
     ),
     (
         "torch provider and FA2-BWD-GARBAGE-GRADS",
@@ -518,13 +620,14 @@ def rules_markdown() -> str:
         "**clean-error** (the kernel raises; the contract says it first, with the fix), **semantics**",
         "(runs, but computes something other than the arguments say). Mode **strict** rules read",
         "index values (one host copy); all others read only shapes, dtypes, strides and devices.",
+        "Phase **backward** rules are checked when a backward runs (see the backward-rules decision).",
         "",
-        "| id | kind | mode | applies to | title |",
-        "|---|---|---|---|---|",
+        "| id | kind | mode | phase | applies to | title |",
+        "|---|---|---|---|---|---|",
     ]
     for rule in RULES.values():
         lines.append(
-            f"| `{rule.id}` | {rule.kind} | {rule.mode} | {', '.join(rule.applies_to)} | {rule.title} |"
+            f"| `{rule.id}` | {rule.kind} | {rule.mode} | {rule.phase} | {', '.join(rule.applies_to)} | {rule.title} |"
         )
     lines += ["", "## Decisions", ""]
     for title, text in NOTES:
@@ -536,7 +639,7 @@ def rules_markdown() -> str:
             "",
             f"{rule.title}.",
             "",
-            f"- kind: {rule.kind}; mode: {rule.mode}; applies to: {', '.join(rule.applies_to)}",
+            f"- kind: {rule.kind}; mode: {rule.mode}; phase: {rule.phase}; applies to: {', '.join(rule.applies_to)}",
             f"- source: {rule.source}",
             f"- symptom: {rule.symptom}",
             f"- fix: {rule.fix}",

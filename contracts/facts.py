@@ -20,6 +20,9 @@ class CallFacts:
     Dense / kvcache: ``q: (B, Sq, Hq, D)``; dense ``k, v: (B, Sk, Hkv, D|Dv)``; kvcache caches
     ``(B_cache, S_cache, Hkv, D)`` or paged ``(num_blocks, page, Hkv, D)``.
     Varlen: ``q: (Tq, Hq, D)``, ``k, v: (Tk, Hkv, D|Dv)`` or paged like the kvcache.
+    Packed (``packed`` = "qkv" / "kv"): dense ``qkv: (B, S, 3, H, D)``, ``kv: (B, Sk, 2, Hkv, D)``;
+    varlen ``qkv: (T, 3, H, D)``, ``kv: (Tk, 2, Hkv, D)``; ``qs``/``ks``/``vs`` are then the shapes
+    of the unpacked views FA-2 makes, and q/k/v name the packed tensor(s).
     ``sq``/``sk`` are the dense lengths, varlen ``max_seqlen_*``, or kvcache q length / capacity.
     """
 
@@ -27,13 +30,20 @@ class CallFacts:
     # path cheap (attribute writes are most of the cost of building the facts).
     kind = spec = caps = None
     strict = False
+    backward = False
     q = k = v = k_new = v_new = alibi = None
-    k_name, v_name = "k", "v"
+    q_name, k_name, v_name = "q", "k", "v"
+    packed = None
+    pack_n = None
     causal = False
     wl = wr = -1
     dropout_p = softcap = 0.0
+    softmax_scale = None
     return_softmax = False
-    requires_grad = None
+    return_lse = False
+    rotary_cos = rotary_sin = None
+    # Argument names the caller passed explicitly (guarded(): every bound name), for FA2-ARG-UNSUPPORTED.
+    given = frozenset()
     num_splits = 0
     cu_q = cu_k = seqused_k = block_table = cache_seqlens = cache_batch_idx = cache_leftpad = None
     rank_ok = False
@@ -52,12 +62,13 @@ class CallFacts:
     def tensors(self):
         """(name, tensor) for every tensor argument, q first."""
         pairs = (
-            ("q", self.q), (self.k_name, self.k), (self.v_name, self.v),
+            (self.q_name, self.q), (self.k_name, self.k), (self.v_name, self.v),
             ("k", self.k_new), ("v", self.v_new),
             ("cu_seqlens_q", self.cu_q), ("cu_seqlens_k", self.cu_k),
             ("seqused_k", self.seqused_k), ("block_table", self.block_table),
             ("cache_seqlens", self.cache_seqlens), ("cache_batch_idx", self.cache_batch_idx),
             ("cache_leftpad", self.cache_leftpad), ("alibi_slopes", self.alibi),
+            ("rotary_cos", self.rotary_cos), ("rotary_sin", self.rotary_sin),
         )
         return [(name, t) for name, t in pairs if isinstance(t, Tensor)]
 
@@ -71,16 +82,18 @@ class CallFacts:
         )
         return [(name, t) for name, t in pairs if t is not None]
 
-    def needs_backward(self) -> bool:
-        """``requires_grad`` as given, else whether autograd will record this call."""
-        if self.requires_grad is not None:
-            return bool(self.requires_grad)
-        return torch.is_grad_enabled() and (
-            self.q.requires_grad or self.k.requires_grad or self.v.requires_grad
-        )
+
+def _will_record(q, k, v) -> bool:
+    """Whether autograd records a call on q, k, v: grad mode on and one of them requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in (q, k, v):
+        if isinstance(t, Tensor) and t.requires_grad:
+            return True
+    return False
 
 
-def _common(c: CallFacts, kind, q, k, v, causal, window_size, caps, provider, strict) -> None:
+def _common(c: CallFacts, kind, q, k, v, causal, window_size, softmax_scale, caps, provider, strict) -> None:
     c.kind = kind
     c.spec = _SPECS.get(provider) if provider.__class__ is str else None
     if c.spec is None:
@@ -93,6 +106,8 @@ def _common(c: CallFacts, kind, q, k, v, causal, window_size, caps, provider, st
         c.causal = True
     if window_size != (-1, -1):
         c.wl, c.wr = window_size
+    if softmax_scale is not None:
+        c.softmax_scale = softmax_scale
 
 
 def _head_dims(c: CallFacts) -> None:
@@ -105,43 +120,89 @@ def _head_dims(c: CallFacts) -> None:
         c.d_kernel, c.dv_kernel = c.d, c.dv
 
 
+def _unpack(shape, at: int):
+    """(entries on the packing dim, the view's shape without it) of a packed tensor's shape."""
+    return shape[at], shape[:at] + shape[at + 1:]
+
+
+def _dense_shapes(c: CallFacts, q, k, v, packed) -> None:
+    """Shapes of a dense call; ``packed``: None, "qkv" (q is qkv) or "kv" (k is kv)."""
+    if packed is None:
+        c.rank_ok = (
+            isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+        )
+        if not c.rank_ok:
+            return
+        c.qs = qs = q.shape
+        c.ks = ks = k.shape
+        c.vs = vs = v.shape
+    elif packed == "qkv":
+        c.rank_ok = isinstance(q, Tensor) and q.dim() == 5
+        if not c.rank_ok:
+            return
+        c.pack_n, qs = _unpack(q.shape, 2)
+        c.qs = c.ks = c.vs = ks = vs = qs
+    else:
+        c.rank_ok = isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4 and k.dim() == 5
+        if not c.rank_ok:
+            return
+        c.qs = qs = q.shape
+        c.pack_n, ks = _unpack(k.shape, 2)
+        c.ks = c.vs = vs = ks
+    c.b, c.sq, c.hq, c.d = qs
+    c.sk, c.hk = ks[1], ks[2]
+    c.dv = vs[3]
+    _head_dims(c)
+
+
+def _name_packed(c: CallFacts, packed) -> None:
+    c.packed = packed
+    if packed == "qkv":
+        c.q_name = c.k_name = c.v_name = "qkv"
+    else:
+        c.k_name = c.v_name = "kv"
+
+
 def dense_facts(
-    q, k, v, causal, window_size, dropout_p, softcap, alibi_slopes, requires_grad,
-    return_softmax, caps, provider, strict,
+    q, k, v, causal, window_size, dropout_p, softcap, alibi_slopes, backward,
+    return_softmax, caps, provider, strict, softmax_scale=None, packed=None, given=None,
 ) -> CallFacts:
-    """Facts of a dense call: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)."""
+    """Facts of a dense call: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv).
+
+    ``packed="qkv"``: q = k = v = qkv (B, S, 3, H, D); ``packed="kv"``: k = v = kv (B, Sk, 2, Hkv, D).
+    ``backward``: True / False, or None = whether autograd records the call.
+    """
     c = CallFacts()
-    _common(c, "dense", q, k, v, causal, window_size, caps, provider, strict)
+    _common(c, "dense", q, k, v, causal, window_size, softmax_scale, caps, provider, strict)
+    if packed is not None:
+        _name_packed(c, packed)
     if alibi_slopes is not None:
         c.alibi = alibi_slopes
         c.others = (alibi_slopes,)
     c.dropout_p = dropout_p
     c.softcap = softcap
     c.return_softmax = return_softmax
-    c.requires_grad = requires_grad
-    c.rank_ok = (
-        isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-        and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
-    )
-    if c.rank_ok:
-        c.qs = qs = q.shape
-        c.ks = ks = k.shape
-        c.vs = vs = v.shape
-        c.b, c.sq, c.hq, c.d = qs
-        c.sk, c.hk = ks[1], ks[2]
-        c.dv = vs[3]
-        _head_dims(c)
+    c.backward = _will_record(q, k, v) if backward is None else backward
+    if given:
+        c.given = given
+    _dense_shapes(c, q, k, v, packed)
     return c
 
 
 def varlen_facts(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
-    causal, window_size, dropout_p, softcap, alibi_slopes, requires_grad, return_softmax, caps,
-    provider, strict,
+    causal, window_size, dropout_p, softcap, alibi_slopes, backward, return_softmax, caps,
+    provider, strict, softmax_scale=None, packed=None, given=None,
 ) -> CallFacts:
-    """Facts of a varlen call: q (Tq, Hq, D), k/v (Tk, Hkv, D) or paged (blocks, page, Hkv, D)."""
+    """Facts of a varlen call: q (Tq, Hq, D), k/v (Tk, Hkv, D) or paged (blocks, page, Hkv, D).
+
+    ``packed="qkv"``: q = k = v = qkv (T, 3, H, D); ``packed="kv"``: k = v = kv (Tk, 2, Hkv, D).
+    """
     c = CallFacts()
-    _common(c, "varlen", q, k, v, causal, window_size, caps, provider, strict)
+    _common(c, "varlen", q, k, v, causal, window_size, softmax_scale, caps, provider, strict)
+    if packed is not None:
+        _name_packed(c, packed)
     c.cu_q, c.cu_k = cu_seqlens_q, cu_seqlens_k
     if seqused_k is not None:
         c.seqused_k = seqused_k
@@ -151,51 +212,78 @@ def varlen_facts(
     c.dropout_p = dropout_p
     c.softcap = softcap
     c.return_softmax = return_softmax
-    c.requires_grad = requires_grad
+    c.backward = _will_record(q, k, v) if backward is None else backward
+    if given:
+        c.given = given
     c.max_q, c.max_k = max_seqlen_q, max_seqlen_k
     c.sq, c.sk = max_seqlen_q, max_seqlen_k
     paged = block_table is not None
     if paged:
         c.block_table, c.paged = block_table, True
-    kv_rank = 4 if paged else 3
-    c.rank_ok = (
-        isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-        and q.dim() == 3 and k.dim() == kv_rank and v.dim() == kv_rank
-    )
     c.b = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else None
-    if c.rank_ok:
+    if packed is None:
+        kv_rank = 4 if paged else 3
+        c.rank_ok = (
+            isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and q.dim() == 3 and k.dim() == kv_rank and v.dim() == kv_rank
+        )
+        if not c.rank_ok:
+            return c
         c.qs = qs = q.shape
         c.ks = ks = k.shape
         c.vs = vs = v.shape
-        c.total_q, c.hq, c.d = qs
-        c.hk = ks[-2]
-        c.dv = vs[-1]
-        _head_dims(c)
-        if paged:
-            c.num_blocks, c.page_size = ks[0], ks[1]
-            if isinstance(block_table, Tensor) and block_table.dim() == 2:
-                c.pages_per_seq = block_table.shape[1]
-        else:
-            c.total_k = ks[0]
+    elif packed == "qkv":
+        c.rank_ok = isinstance(q, Tensor) and q.dim() == 4
+        if not c.rank_ok:
+            return c
+        c.pack_n, qs = _unpack(q.shape, 1)
+        c.qs = c.ks = c.vs = ks = vs = qs
+    else:
+        c.rank_ok = isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 3 and k.dim() == 4
+        if not c.rank_ok:
+            return c
+        c.qs = qs = q.shape
+        c.pack_n, ks = _unpack(k.shape, 1)
+        c.ks = c.vs = vs = ks
+    c.total_q, c.hq, c.d = qs
+    c.hk = ks[-2]
+    c.dv = vs[-1]
+    _head_dims(c)
+    if paged:
+        c.num_blocks, c.page_size = ks[0], ks[1]
+        if isinstance(block_table, Tensor) and block_table.dim() == 2:
+            c.pages_per_seq = block_table.shape[1]
+    else:
+        c.total_k = ks[0]
     return c
 
 
 def kvcache_facts(
-    q, k_cache, v_cache, *, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-    causal, window_size, softcap, alibi_slopes, num_splits, caps, provider, strict,
+    q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+    cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    num_splits, return_softmax_lse, caps, provider, strict, given=None,
 ) -> CallFacts:
-    """Facts of a kvcache call: q (B, Sq, Hq, D), caches (B_c, S_c, Hkv, D) or paged, new k/v (B, S_new, Hkv, D)."""
+    """Facts of a kvcache call: q (B, Sq, Hq, D), caches (B_c, S_c, Hkv, D) or paged, new k/v (B, S_new, Hkv, D).
+
+    ``rotary_cos``/``rotary_sin``: (seqlen_ro, rotary_dim / 2). Forward only (no autograd).
+    """
     c = CallFacts()
-    _common(c, "kvcache", q, k_cache, v_cache, causal, window_size, caps, provider, strict)
+    _common(c, "kvcache", q, k_cache, v_cache, causal, window_size, softmax_scale, caps, provider, strict)
     c.k_name, c.v_name = "k_cache", "v_cache"
     c.k_new, c.v_new = k, v
     c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad = cache_seqlens, cache_batch_idx, cache_leftpad
     c.block_table = block_table
     c.alibi = alibi_slopes
     c.index = (cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
-    c.others = (k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes)
+    c.others = (k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
+                rotary_cos, rotary_sin)
+    if rotary_cos is not None or rotary_sin is not None:
+        c.rotary_cos, c.rotary_sin = rotary_cos, rotary_sin
+    if return_softmax_lse:
+        c.return_lse = True
+    if given:
+        c.given = given
     c.softcap = softcap
-    c.requires_grad = False
     c.num_splits = num_splits or 0
     c.paged = block_table is not None
     c.rank_ok = (
@@ -238,6 +326,10 @@ def settings_line(c: CallFacts) -> str:
         parts.append(f"max_seqlen_q={c.max_q} max_seqlen_k={c.max_k}")
     if c.softcap:
         parts.append(f"softcap={c.softcap}")
+    if c.softmax_scale is not None:
+        parts.append(f"softmax_scale={c.softmax_scale}")
+    if c.kind != "kvcache":
+        parts.append(f"backward={c.backward}")
     return " ".join(parts)
 
 

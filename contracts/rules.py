@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .facts import CallFacts, Tensor
+from .fa2_mask import first_differing_row, normalised_window
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 _INT32 = torch.int32
@@ -28,9 +29,32 @@ def _round_up(x: int, m: int) -> int:
 # --- rules that need no shapes -------------------------------------------------------------------
 
 
+_PACKED_LAYOUT = {
+    ("dense", "qkv"): "qkv (B, S, 3, H, D)",
+    ("dense", "kv"): "q (B, Sq, H, D), kv (B, Sk, 2, Hkv, D)",
+    ("varlen", "qkv"): "qkv (T, 3, H, D)",
+    ("varlen", "kv"): "q (Tq, H, D), kv (Tk, 2, Hkv, D)",
+}
+
+
+def _packed_rank(c: CallFacts) -> str:
+    ranks = {("dense", "qkv"): (5, None), ("dense", "kv"): (4, 5),
+             ("varlen", "qkv"): (4, None), ("varlen", "kv"): (3, 4)}[(c.kind, c.packed)]
+    named = [(c.q_name, c.q, ranks[0])] + ([(c.k_name, c.k, ranks[1])] if ranks[1] else [])
+    problems = []
+    for name, t, rank in named:
+        if not isinstance(t, Tensor):
+            problems.append(f"{name} is {type(t).__name__}, not a torch.Tensor")
+        elif t.dim() != rank:
+            problems.append(f"{name} has {t.dim()} dims {tuple(t.shape)}, expected {rank}")
+    return f"{'; '.join(problems)}; packed {c.kind} layout is {_PACKED_LAYOUT[(c.kind, c.packed)]}"
+
+
 def fa2_rank(c: CallFacts) -> str | None:
     if c.rank_ok:
         return None
+    if c.packed is not None:
+        return _packed_rank(c)
     wanted = {"dense": 4, "kvcache": 4}.get(c.kind, 3)
     problems = []
     named = [("q", c.q, wanted), (c.k_name, c.k, None), (c.v_name, c.v, None)]
@@ -87,7 +111,7 @@ def fa2_dtype(c: CallFacts) -> str | None:
     q = c.q
     if not isinstance(q, Tensor) or q.dtype in _HALF_TYPES:
         return None
-    return f"q.dtype is {q.dtype}; FA-2 computes only in float16 or bfloat16"
+    return f"{c.q_name}.dtype is {q.dtype}; FA-2 computes only in float16 or bfloat16"
 
 
 def fa2_dtype_match(c: CallFacts) -> str | None:
@@ -208,6 +232,8 @@ def _index_shapes_ok(c: CallFacts) -> bool:
             and (not isinstance(cu_k, Tensor) or cu_k.shape == cu_q.shape)
             and (used is None or not isinstance(used, Tensor) or used.shape == (b,))
         )
+    if isinstance(c.cache_seqlens, int) and c.ks[0] != b:
+        return False
     return all(
         not isinstance(t, Tensor) or t.shape == (b,)
         for t in (c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad)
@@ -220,6 +246,9 @@ def fa2_index_shape(c: CallFacts) -> str | None:
     bad = []
     if c.kind == "varlen" and isinstance(c.cu_q, Tensor) and c.cu_q.dim() != 1:
         bad.append(f"cu_seqlens_q has shape {tuple(c.cu_q.shape)}, expected (B+1,)")
+    if c.kind == "kvcache" and isinstance(c.cache_seqlens, int) and c.ks[0] != c.b:
+        bad.append(f"cache_seqlens = {c.cache_seqlens} (an int) becomes a tensor of k_cache.shape[0] = {c.ks[0]} "
+                   f"entries, but the batch is {c.b}")
     for name, t, shape in _expected_index_shapes(c):
         if not isinstance(t, Tensor):
             continue
@@ -427,7 +456,7 @@ def fa2_int32_offset(c: CallFacts) -> str | None:
         return None  # cheap upper bound: d_rounded < d + 64, rows < Sq + 128 per sequence
     d_rounded = _d_rounded(c)
     n = _dq_accum_elements(c, d_rounded)
-    if n < spec.int32_offset_limit or not c.needs_backward():
+    if n < spec.int32_offset_limit:
         return None
     if c.kind == "varlen":
         how = f"(total_q {c.total_q} + {spec.varlen_row_pad} * B {c.b}) * Hq {c.hq} * d_rounded {d_rounded}"
@@ -442,7 +471,7 @@ def fa2_bwd_garbage_grads(c: CallFacts) -> str | None:
         return None
     lo, hi = spec.bwd_garbage_head_dim_range
     d = max(c.d_kernel, c.dv_kernel)
-    if not (lo < d <= hi) or not c.needs_backward():
+    if not (lo < d <= hi):
         return None
     return (
         f"backward on {caps} with head dim {d} (in ({lo}, {hi}]) and dropout_p = {c.dropout_p}: "
@@ -464,9 +493,10 @@ def fa2_varlen_gqa_decode(c: CallFacts) -> str | None:
 
 
 def fa2_causal_dropped(c: CallFacts) -> str | None:
-    if not (c.causal and c.max_q == 1 and c.alibi is None and c.b is not None and c.total_q > c.b):
+    if not (c.causal and c.max_q is not None and c.alibi is None and c.b is not None and c.total_q > c.b):
         return None
-    if c.wr == 0:
+    still_causal, (_, wr) = normalised_window(True, (c.wl, c.wr), c.max_q, c.max_k)
+    if still_causal or c.wr == 0:
         # An explicit right window of 0 survives the switch and keeps the mask causal (a fuzzer
         # false reject on the H100: window (15, 0) with max_seqlen_q = 1 matched the reference).
         return None
@@ -477,19 +507,18 @@ def fa2_causal_dropped(c: CallFacts) -> str | None:
 
 
 def fa2_window_right_clamped(c: CallFacts) -> str | None:
-    # FA-2 sets a side >= seqlen_k to -1; a surviving left window then gets right = seqlen_k,
-    # otherwise there is no window at all. Flag only when that changes which keys some row sees.
+    # FA-2 sets a side >= seqlen_k to -1 (fa2_mask.normalised_window). Flag only when that
+    # changes which keys some row sees.
     wr, sk, sq = c.wr, c.sk, c.sq
     if c.causal or wr < 0 or sk is None or wr < sk or sk == 0:  # no keys: nothing to clamp
         return None
-    if 0 <= c.wl < sk:
-        if not (wr > sk and sq > sk + 1):
-            return None
-        became = f"right = seqlen_k = {sk} (the left window {c.wl} stays)"
-    else:
-        if wr >= sq - 1:
-            return None
+    _, computed = normalised_window(False, (c.wl, wr), sq, sk)
+    if first_differing_row(sq, sk, (c.wl, wr), computed) is None:
+        return None
+    if computed == (-1, -1):
         became = "no window at all"
+    else:
+        became = f"right = seqlen_k = {sk} (the left window {c.wl} stays)"
     return (
         f"window_size right = {wr} >= seqlen_k {sk} becomes {became}; with seqlen_q = {sq} "
         "some rows then see other keys than asked"
@@ -507,16 +536,130 @@ def fa2_varlen_empty_q(c: CallFacts) -> str | None:
 
 def fa2_window_left_only(c: CallFacts) -> str | None:
     # With a left window and window_right = -1, FA-2 sets right = seqlen_k (varlen: max_seqlen_k),
-    # not "unbounded": row i keeps j <= i + Sk - Sq + Sk, so rows i < Sq - Sk - 1 lose their last
-    # keys. Per varlen sequence the bound uses max_seqlen_k, so max_q <= max_k + 1 is safe for all.
+    # not "unbounded" (fa2_mask.normalised_window): rows i < Sq - Sk - 1 lose their last keys. Per
+    # varlen sequence the bound uses max_seqlen_k, so max_q <= max_k + 1 is safe for all.
     if c.causal or c.wl < 0 or c.wr >= 0 or c.sk is None or c.sq is None or c.wl >= c.sk:
         return None
-    if c.sq <= c.sk + 1:
+    _, computed = normalised_window(False, (c.wl, c.wr), c.sq, c.sk)
+    if first_differing_row(c.sq, c.sk, (c.wl, c.wr), computed) is None:
         return None
     return (
         f"window_size = ({c.wl}, -1) with seqlen_q {c.sq} > seqlen_k {c.sk} + 1: FA-2 turns the right "
         f"side into {c.sk}, not unbounded, so the first {c.sq - c.sk - 1} row(s) lose keys"
     )
+
+
+# --- arguments: scale, packing, rotary, versions -------------------------------------------------
+
+
+def fa2_softmax_scale(c: CallFacts) -> str | None:
+    scale = c.softmax_scale
+    if scale is None:
+        return None
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        return f"softmax_scale is {type(scale).__name__}, not a float"
+    if value > 0.0 and value != _INF:  # NaN fails value > 0
+        return None
+    return f"softmax_scale = {scale}; FA-2 does not check it and needs a finite value > 0"
+
+
+_INF = float("inf")
+_PACK_N = {"qkv": 3, "kv": 2}
+
+
+def fa2_packed_shape(c: CallFacts) -> str | None:
+    if c.packed is None or c.pack_n == _PACK_N[c.packed]:
+        return None
+    want = _PACK_N[c.packed]
+    at = 2 if c.kind == "dense" else 1
+    shape = tuple((c.q if c.packed == "qkv" else c.k).shape)
+    what = "FA-2 indexes past it (IndexError)" if c.pack_n < want else f"entries past {want} are silently ignored"
+    return f"{c.packed} has shape {shape}: {c.pack_n} entries on dim {at}, expected {want}; {what}"
+
+
+def fa2_rotary_new_kv(c: CallFacts) -> str | None:
+    if c.rotary_cos is None or c.k_new is not None:
+        return None
+    return "rotary_cos/rotary_sin are given but no new k/v: FA-2 rotates only the tokens it appends"
+
+
+def fa2_rotary_dim(c: CallFacts) -> str | None:
+    cos = c.rotary_cos
+    if not isinstance(cos, Tensor) or cos.dim() != 2:
+        return None  # FA2-ROTARY-TABLE names the shape
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim <= c.d_kernel and rotary_dim % 16 == 0:
+        return None
+    return (f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim}; FA-2 needs it <= head dim {c.d_kernel} "
+            "and a multiple of 16")
+
+
+def fa2_rotary_table(c: CallFacts) -> str | None:
+    cos, sin = c.rotary_cos, c.rotary_sin
+    if cos is None and sin is None:
+        return None
+    if cos is None:
+        return "rotary_sin is given without rotary_cos: FA-2 ignores it and rotates nothing"
+    bad = []
+    if not isinstance(cos, Tensor) or cos.dim() != 2:
+        bad.append(f"rotary_cos has shape {tuple(getattr(cos, 'shape', ()))}, expected (seqlen_ro, rotary_dim / 2)")
+    else:
+        if sin is None:
+            bad.append("rotary_sin is missing")
+        elif not isinstance(sin, Tensor) or sin.shape != cos.shape:
+            bad.append(f"rotary_sin shape {tuple(getattr(sin, 'shape', ()))} != rotary_cos shape {tuple(cos.shape)}")
+        if c.sk is not None and cos.shape[0] < c.sk:
+            bad.append(f"cos/sin have {cos.shape[0]} rows < the cache length {c.sk}")
+        for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+            if isinstance(t, Tensor):
+                if t.dtype != c.q.dtype:
+                    bad.append(f"{name}.dtype is {t.dtype}, q.dtype is {c.q.dtype}")
+                if not t.is_contiguous():
+                    bad.append(f"{name} is not contiguous (stride {t.stride()})")
+    if not bad:
+        return None
+    return "; ".join(bad)
+
+
+def _unsupported(c: CallFacts) -> list[str]:
+    spec, given = c.spec, c.given
+    bad = []
+    if not spec.supports_softcap and (c.softcap or "softcap" in given):
+        bad.append("softcap")
+    if c.kind == "varlen" and not spec.supports_varlen_block_table and c.block_table is not None:
+        bad.append("block_table")
+    if c.kind == "kvcache":
+        if not spec.supports_cache_leftpad and (c.cache_leftpad is not None or "cache_leftpad" in given):
+            bad.append("cache_leftpad")
+        if not spec.supports_return_softmax_lse and (c.return_lse or "return_softmax_lse" in given):
+            bad.append("return_softmax_lse")
+    return bad
+
+
+def fa2_arg_unsupported(c: CallFacts) -> str | None:
+    if c.spec.supports_softcap and c.spec.supports_cache_leftpad and c.spec.supports_varlen_block_table \
+            and c.spec.supports_return_softmax_lse:
+        return None
+    bad = _unsupported(c)
+    if not bad:
+        return None
+    return f"{', '.join(bad)} given, but {c.spec.label} has no such argument"
+
+
+def fa2_bwd_arch(c: CallFacts) -> str | None:
+    check, caps = c.spec.bwd_arch_check, c.caps
+    if check is None or caps is None or caps.arch in ((8, 0), (9, 0)):
+        return None
+    d = max(c.d_kernel, c.dv_kernel)
+    if d <= 192:
+        return None
+    dropout = c.dropout_p > 0.0
+    if (check == "dropout" and not dropout) or (check == "d<=224 or dropout" and d > 224 and not dropout):
+        return None
+    return (f"backward on {caps} with head dim {d} and dropout_p = {c.dropout_p}: {c.spec.label} "
+            "runs that backward only on sm80/sm90 and raises")
 
 
 # id -> (predicate, needs_shapes). Order = report order.
@@ -531,6 +674,8 @@ PREDICATES = {
     "FA2-RETURN-SOFTMAX": (fa2_return_softmax, False),
     "FA2-SOFTCAP-DROPOUT": (fa2_softcap_dropout, False),
     "FA2-NUM-SPLITS": (fa2_num_splits, False),
+    "FA2-SOFTMAX-SCALE": (fa2_softmax_scale, False),
+    "FA2-ARG-UNSUPPORTED": (fa2_arg_unsupported, False),
     "FA2-INDEX-CONTIGUOUS": (fa2_index_contiguous, True),
     "FA2-INDEX-SHAPE": (fa2_index_shape, True),
     "FA2-LAST-DIM-STRIDE": (fa2_last_dim_stride, True),
@@ -548,9 +693,14 @@ PREDICATES = {
     "FA2-PAGED-COMBINATION": (fa2_paged_combination, True),
     "FA2-KVCACHE-APPEND": (fa2_kvcache_append, True),
     "FA2-ALIBI": (fa2_alibi, True),
+    "FA2-PACKED-SHAPE": (fa2_packed_shape, True),
+    "FA2-ROTARY-NEW-KV": (fa2_rotary_new_kv, True),
+    "FA2-ROTARY-DIM": (fa2_rotary_dim, True),
+    "FA2-ROTARY-TABLE": (fa2_rotary_table, True),
     "FA2-GRID-LIMIT": (fa2_grid_limit, True),
     "FA2-INT32-OFFSET": (fa2_int32_offset, True),
     "FA2-BWD-GARBAGE-GRADS": (fa2_bwd_garbage_grads, True),
+    "FA2-BWD-ARCH": (fa2_bwd_arch, True),
     "FA2-VARLEN-GQA-DECODE": (fa2_varlen_gqa_decode, True),
     "FA2-CAUSAL-DROPPED": (fa2_causal_dropped, True),
     "FA2-WINDOW-RIGHT-CLAMPED": (fa2_window_right_clamped, True),

@@ -7,7 +7,10 @@ PyTorch's vendored copy and ``sdp_utils.cpp``); versions other than the ones nam
 
 Providers:
   - ``"flash_attn"`` / ``"flash_attn==2.8.3"``: the flash_attn package. Without a version, the
-    installed one (read from package metadata, never by importing flash_attn), else 2.8.3.
+    installed one (read from package metadata, the same string as ``flash_attn.__version__``,
+    never by importing flash_attn), else 2.8.3. Releases 2.5.0 to 2.8.3 are modelled one by one
+    (``versions.py``: signatures, arguments, the backward arch check); a version outside that
+    range gets the nearest modelled release and a UserWarning (once per provider string).
   - ``"torch"`` / ``"torch==2.11"``: PyTorch's built-in FA-2 (``torch.ops.aten._flash_attention_forward``);
     without a version, the running torch.
 """
@@ -18,6 +21,8 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from . import versions
 
 DEFAULT_FLASH_ATTN_VERSION = "2.8.3"
 
@@ -78,6 +83,18 @@ class ProviderSpec(BaseModel):
     varlen_attn_supports_gqa: bool = False
     varlen_attn_supports_seqused_k: bool = False
 
+    # Arguments this release has (flash_attn: versions.ARGUMENT_SINCE; torch's op: no softcap).
+    supports_softcap: bool = True
+    supports_varlen_block_table: bool = True
+    supports_return_softmax_lse: bool = True
+    supports_cache_leftpad: bool = True
+    # flash_attn < 2.7.3 refuses some backwards off sm80/sm90 (versions.BWD_ARCH_CHECK_SINCE).
+    bwd_arch_check: versions.BwdArchCheck = None
+    # Positional parameter names per guard kind (flash_attn: versions.signature).
+    signatures: dict[str, tuple[str, ...]] = {}
+    # The flash_attn release whose rules are used ((2, 8, 3) for 2.8.3.post1 and for 2.9).
+    release: tuple[int, ...] = ()
+
     permanent_guards: tuple[str, ...] = _PERMANENT_GUARDS
     # Which rules to keep on in production for this provider/version, what to do when one fires,
     # and the evidence (filled by guard_recommendations_for; see GuardRecommendation below).
@@ -127,17 +144,24 @@ def installed_flash_attn_version() -> str | None:
 
 
 def _flash_attn_spec(version: str) -> ProviderSpec:
-    v = version_tuple(version)
+    v = versions.nearest_release(version_tuple(version), version)
     new_arch_rules = v >= (2, 7, 3)
     return ProviderSpec(
         provider="flash_attn",
         version=version,
+        release=v,
         pads_head_dim=True,
         fixes_last_dim_stride=True,
         masks_return_softmax=True,
         allowed_archs=None if new_arch_rules else ((8, None), (9, 0)),
         bwd_garbage_archs=((8, 6), (8, 9), (12, 0)) if new_arch_rules else (),
-        guard_recommendations=guard_recommendations_for("flash_attn", version),
+        bwd_arch_check=versions.bwd_arch_check(v),
+        supports_softcap=versions.has(v, "softcap"),
+        supports_varlen_block_table=versions.has(v, "varlen_block_table"),
+        supports_return_softmax_lse=versions.has(v, "return_softmax_lse"),
+        supports_cache_leftpad=versions.has(v, "cache_leftpad"),
+        signatures={kind: versions.signature(v, kind) for kind in versions.ENTRY_POINTS},
+        guard_recommendations=guard_recommendations_for("flash_attn", ".".join(map(str, v))),
     )
 
 
@@ -149,6 +173,8 @@ def _torch_spec(version: str) -> ProviderSpec:
         pads_head_dim=False,
         fixes_last_dim_stride=False,
         masks_return_softmax=False,
+        supports_softcap=False,
+        supports_varlen_block_table=v >= (2, 13),
         dense_empty_batch_ok=v >= (2, 10),
         aten_supports_block_table=v >= (2, 13),
         varlen_attn_supports_gqa=v >= (2, 13),

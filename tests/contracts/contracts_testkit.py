@@ -10,10 +10,20 @@ from typing import Any, Callable
 
 import torch
 
-from contracts import dense_reasons, kvcache_reasons, varlen_reasons
+from contracts import (
+    dense_reasons,
+    kvcache_reasons,
+    kvpacked_reasons,
+    qkvpacked_reasons,
+    varlen_kvpacked_reasons,
+    varlen_qkvpacked_reasons,
+    varlen_reasons,
+)
 
 F16, BF16, F32, I32, I64 = torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64
-REASONS = {"dense": dense_reasons, "varlen": varlen_reasons, "kvcache": kvcache_reasons}
+REASONS = {"dense": dense_reasons, "varlen": varlen_reasons, "kvcache": kvcache_reasons,
+           "qkvpacked": qkvpacked_reasons, "kvpacked": kvpacked_reasons,
+           "varlen_qkvpacked": varlen_qkvpacked_reasons, "varlen_kvpacked": varlen_kvpacked_reasons}
 
 
 def dense_inputs(b=2, sq=16, sk=16, hq=4, hk=2, d=64, dv=None, dtype=F16, device="cpu") -> dict:
@@ -73,6 +83,38 @@ def kvcache_inputs(b=2, sq=1, s_cache=64, hq=4, hk=2, d=64, s_new=None, cache_le
         args["k"] = torch.empty(b, s_new, hk, d, dtype=F16)
         args["v"] = torch.empty(b, s_new, hk, d, dtype=F16)
     return args
+
+
+def qkvpacked_inputs(b=2, s=16, h=4, d=64, n=3, dtype=F16, device="cpu") -> dict:
+    """qkv: (b, s, n, h, d) (n = 3 is the legal packing)."""
+    return {"qkv": torch.empty(b, s, n, h, d, dtype=dtype, device=device)}
+
+
+def kvpacked_inputs(b=2, sq=16, sk=16, hq=4, hk=2, d=64, n=2, dtype=F16, device="cpu") -> dict:
+    """q: (b, sq, hq, d), kv: (b, sk, n, hk, d)."""
+    return {"q": torch.empty(b, sq, hq, d, dtype=dtype, device=device),
+            "kv": torch.empty(b, sk, n, hk, d, dtype=dtype, device=device)}
+
+
+def varlen_qkvpacked_inputs(lengths=(5, 11), h=4, d=64, n=3, device="cpu") -> dict:
+    """qkv: (sum lengths, n, h, d), cu_seqlens (B+1,) int32, max_seqlen."""
+    return {"qkv": torch.empty(sum(lengths), n, h, d, dtype=F16, device=device),
+            "cu_seqlens": cu(lengths, device), "max_seqlen": max(lengths, default=0)}
+
+
+def varlen_kvpacked_inputs(lq=(5, 11), lk=None, hq=4, hk=2, d=64, n=2, device="cpu") -> dict:
+    """q: (sum lq, hq, d), kv: (sum lk, n, hk, d), cu_seqlens_q/k (B+1,) int32, true max lengths."""
+    lk = lq if lk is None else lk
+    return {"q": torch.empty(sum(lq), hq, d, dtype=F16, device=device),
+            "kv": torch.empty(sum(lk), n, hk, d, dtype=F16, device=device),
+            "cu_seqlens_q": cu(lq, device), "cu_seqlens_k": cu(lk, device),
+            "max_seqlen_q": max(lq, default=0), "max_seqlen_k": max(lk, default=0)}
+
+
+def rotary(seqlen_ro=64, rotary_dim=32, dtype=F16) -> dict:
+    """rotary_cos / rotary_sin: (seqlen_ro, rotary_dim / 2)."""
+    return {"rotary_cos": torch.empty(seqlen_ro, rotary_dim // 2, dtype=dtype),
+            "rotary_sin": torch.empty(seqlen_ro, rotary_dim // 2, dtype=dtype)}
 
 
 @dataclass
@@ -187,7 +229,7 @@ def _breaking_cases() -> dict[str, list[Case]]:
         ],
         "FA2-INT32-OFFSET": [
             # PR #2260's repro: b=8300, seqlen 1, 16 heads, d=128.
-            Case("dense", dense_inputs(b=8300, sq=1, sk=1, hq=16, hk=16, d=128, device="meta"), "PR 2260", {"requires_grad": True}),
+            Case("dense", dense_inputs(b=8300, sq=1, sk=1, hq=16, hk=16, d=128, device="meta"), "PR 2260", {"backward": True}),
             Case("varlen", {**varlen_inputs(lq=(1,), hq=16, hk=16, d=128, device="meta"),
                             "q": torch.empty(2**21, 16, 128, dtype=F16, device="meta"),
                             "cu_seqlens_q": torch.empty(2, dtype=I32, device="meta"),
@@ -195,12 +237,12 @@ def _breaking_cases() -> dict[str, list[Case]]:
                             "k": torch.empty(2**21, 16, 128, dtype=F16, device="meta"),
                             "v": torch.empty(2**21, 16, 128, dtype=F16, device="meta"),
                             "max_seqlen_q": 2**21, "max_seqlen_k": 2**21},
-                 "varlen 2M tokens", {"requires_grad": True}),
+                 "varlen 2M tokens", {"backward": True}),
         ],
         "FA2-BWD-GARBAGE-GRADS": [
-            Case("dense", dense_inputs(d=200), "sm86 d=200", {"caps": "sm86", "dropout_p": 0.1, "requires_grad": True},
+            Case("dense", dense_inputs(d=200), "sm86 d=200", {"caps": "sm86", "dropout_p": 0.1, "backward": True},
                  providers=("flash_attn",)),
-            Case("dense", dense_inputs(d=193), "sm120 d=193 pads to 200", {"caps": "sm120", "dropout_p": 0.1, "requires_grad": True},
+            Case("dense", dense_inputs(d=193), "sm120 d=193 pads to 200", {"caps": "sm120", "dropout_p": 0.1, "requires_grad": True},  # the old name of backward
                  providers=("flash_attn",)),
         ],
         "FA2-VARLEN-GQA-DECODE": [Case("varlen", varlen_inputs(lq=(1, 0, 1), lk=(5, 6, 7)), "empty query seq")],
@@ -213,6 +255,51 @@ def _breaking_cases() -> dict[str, list[Case]]:
         "FA2-WINDOW-LEFT-ONLY": [
             Case("dense", dense_inputs(sq=10, sk=4), "left window 2, right -1, sq > sk + 1", {"window_size": (2, -1)}),
             Case("varlen", varlen_inputs(lq=(9, 3), lk=(2, 6)), "max_q 9 > max_k 6 + 1", {"window_size": (3, -1)}),
+        ],
+        "FA2-BWD-ARCH": [
+            Case("dense", dense_inputs(d=224), "2.7.2 sm86 d=224 dropout", {"caps": "sm86", "dropout_p": 0.1, "backward": True,
+                                                                            "provider": "flash_attn==2.7.2"}),
+            Case("dense", dense_inputs(d=200), "2.5.0 sm86 d=200 no dropout", {"caps": "sm86", "backward": True,
+                                                                               "provider": "flash_attn==2.5.0"}),
+            Case("varlen", varlen_inputs(d=224), "2.6.0 sm89 d=224 no dropout", {"caps": "sm89", "backward": True,
+                                                                                 "provider": "flash_attn==2.6.0"}),
+        ],
+        "FA2-SOFTMAX-SCALE": [
+            Case("dense", dense, "nan", {"softmax_scale": float("nan")}),
+            Case("dense", dense, "negative", {"softmax_scale": -0.125}),
+            Case("kvcache", kvcache_inputs(), "inf", {"softmax_scale": float("inf")}),
+        ],
+        "FA2-ROTARY-NEW-KV": [Case("kvcache", {**kvcache_inputs(), **rotary()}, "cos/sin without new k/v",
+                                   providers=("flash_attn",))],
+        "FA2-ROTARY-DIM": [
+            Case("kvcache", {**kvcache_inputs(s_new=1), **rotary(rotary_dim=24)}, "rotary_dim 24 % 16", providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(s_new=1, d=64), **rotary(rotary_dim=96)}, "rotary_dim 96 > d 64",
+                 providers=("flash_attn",)),
+        ],
+        "FA2-ROTARY-TABLE": [
+            Case("kvcache", {**kvcache_inputs(s_new=1), **rotary(seqlen_ro=63)}, "63 rows < cache 64", providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(s_new=1), **rotary(dtype=F32)}, "fp32 cos/sin", providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(s_new=1), **rotary(), "rotary_sin": torch.empty(64, 8, dtype=F16)},
+                 "sin shape differs", providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(s_new=1), "rotary_sin": torch.empty(64, 16, dtype=F16)}, "sin without cos",
+                 providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(s_new=1), **rotary(), "rotary_cos": torch.empty(16, 64, dtype=F16).t()},
+                 "cos not contiguous", providers=("flash_attn",)),
+        ],
+        "FA2-PACKED-SHAPE": [
+            Case("qkvpacked", qkvpacked_inputs(n=4), "qkv with 4 entries"),
+            Case("kvpacked", kvpacked_inputs(n=1), "kv with 1 entry"),
+            Case("varlen_qkvpacked", varlen_qkvpacked_inputs(n=2), "varlen qkv with 2 entries"),
+            Case("varlen_kvpacked", varlen_kvpacked_inputs(n=3), "varlen kv with 3 entries"),
+        ],
+        "FA2-ARG-UNSUPPORTED": [
+            Case("dense", dense, "softcap on 2.5.9", {"softcap": 30.0, "provider": "flash_attn==2.5.9"}),
+            Case("dense", dense, "softcap on torch's op", {"softcap": 30.0, "provider": "torch"}),
+            Case("varlen", paged_varlen_inputs(), "varlen block_table on 2.5.6", {"provider": "flash_attn==2.5.6"}),
+            Case("kvcache", _with(kvcache_inputs(), cache_leftpad=torch.zeros(2, dtype=I32)), "cache_leftpad on 2.6.0",
+                 {"provider": "flash_attn==2.6.0"}),
+            Case("kvcache", kvcache_inputs(), "return_softmax_lse on 2.5.9",
+                 {"return_softmax_lse": True, "provider": "flash_attn==2.5.9"}),
         ],
         # --- strict ---
         "FA2-CU-SEQLENS-START": [Case("varlen", _with(var, cu_seqlens_q=torch.tensor([1, 5, 16], dtype=I32)), "cu_q[0]=1", {"strict": True})],
@@ -265,6 +352,26 @@ VALID: list[Case] = [
     Case("kvcache", kvcache_inputs(s_new=1, sq=1), "kvcache append"),
     Case("kvcache", kvcache_inputs(paged=True, s_new=2), "kvcache paged append"),
     Case("kvcache", {**kvcache_inputs(), "cache_seqlens": 7}, "kvcache int cache_seqlens"),
+    Case("dense", dense_inputs(d=256), "dense d=256 dropout sm86 forward only", {"caps": "sm86", "dropout_p": 0.1,
+                                                                                  "backward": False}),
+    Case("dense", dense_inputs(d=192), "2.5.0 sm86 d=192 backward", {"caps": "sm86", "backward": True,
+                                                                      "provider": "flash_attn==2.5.0"},
+         providers=("flash_attn",)),
+    Case("dense", dense_inputs(d=256), "2.6.2 sm86 d=256 backward without dropout", {"caps": "sm86", "backward": True,
+                                                                                      "provider": "flash_attn==2.6.2"},
+         providers=("flash_attn",)),
+    Case("dense", dense_inputs(), "explicit scale, deterministic, probs", {"softmax_scale": 0.1, "deterministic": True,
+                                                                          "dropout_p": 0.1, "return_softmax": True}),
+    Case("kvcache", {**kvcache_inputs(s_new=1), **rotary()}, "kvcache rotary append", {"rotary_interleaved": False},
+         providers=("flash_attn",)),
+    Case("kvcache", {**kvcache_inputs(s_new=1, d=59), **rotary(rotary_dim=64)}, "kvcache rotary_dim 64 <= padded d 64",
+         providers=("flash_attn",)),
+    Case("kvcache", {**kvcache_inputs(paged=True, s_new=2), **rotary(seqlen_ro=512)}, "kvcache paged rotary",
+         {"return_softmax_lse": True}, providers=("flash_attn",)),
+    Case("qkvpacked", qkvpacked_inputs(), "qkvpacked", {"causal": True, "softcap": 0.0}),
+    Case("kvpacked", kvpacked_inputs(sq=1, sk=97), "kvpacked GQA decode", {"causal": True}),
+    Case("varlen_qkvpacked", varlen_qkvpacked_inputs(), "varlen qkvpacked", {"dropout_p": 0.17, "backward": True}),
+    Case("varlen_kvpacked", varlen_kvpacked_inputs(), "varlen kvpacked", {"window_size": (3, 3)}),
 ]
 for _case in VALID:
     _case.label = f"valid: {_case.label}"

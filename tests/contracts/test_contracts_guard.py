@@ -133,7 +133,7 @@ def test_bad_bindings_raise_type_error_without_calling(rec):
 
 
 def test_unknown_kind_and_mode():
-    with pytest.raises(ValueError, match="dense, varlen, kvcache, aten"):
+    with pytest.raises(ValueError, match="dense, varlen, qkvpacked, kvpacked, varlen_qkvpacked, varlen_kvpacked, kvcache, aten"):
         guarded(print, "paged")
     with pytest.raises(ValueError, match="off, meta, strict"):
         guarded(print, "dense", mode="loud")

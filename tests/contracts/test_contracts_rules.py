@@ -128,10 +128,11 @@ def test_provider_rules_differ():
     # flash_attn >= 2.7.3 runs on any sm >= 80; earlier builds only on 8.x and 9.0.
     assert dense_reasons(**dense_inputs(), caps="sm100") == []
     assert [r.rule for r in dense_reasons(**dense_inputs(), caps="sm100", provider="flash_attn==2.7.2")] == ["FA2-ARCH"]
-    # The garbage-gradient gap is a flash_attn >= 2.7.3 fact.
-    garbage = dict(caps="sm89", dropout_p=0.1, requires_grad=True)
+    # The garbage-gradient gap is a flash_attn >= 2.7.3 fact; earlier releases refuse that backward.
+    garbage = dict(caps="sm89", dropout_p=0.1, backward=True)
     assert [r.rule for r in dense_reasons(**dense_inputs(d=224), **garbage)] == ["FA2-BWD-GARBAGE-GRADS"]
-    assert dense_reasons(**dense_inputs(d=224), **garbage, provider="flash_attn==2.7.2") == []
+    assert [r.rule for r in dense_reasons(**dense_inputs(d=224), **garbage, provider="flash_attn==2.7.2")] == [
+        "FA2-BWD-ARCH"]
 
 
 def test_arch_rules_need_caps_on_cpu():

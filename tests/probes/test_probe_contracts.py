@@ -1,5 +1,6 @@
 """For every crash/corruption class: the contract rejects the exact probe input before any kernel runs,
-and ``contracts.guarded`` raises FA2ContractError without calling the (fake) kernel."""
+and ``contracts.guarded`` raises FA2ContractError without calling the (fake) kernel; for the
+backward-only classes the forward runs and the backward raises before the kernel's backward."""
 from __future__ import annotations
 
 import pytest
@@ -31,13 +32,33 @@ TABLE_ROWS = {
 }
 
 
+class _Recorded(torch.autograd.Function):
+    """Identity on the first input whose backward counts its calls (a stand-in FA-2 backward)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel):
+        ctx.kernel = kernel
+        return x.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.kernel.backward_calls += 1
+        return grad, None
+
+
 class FakeKernel:
     def __init__(self):
         self.calls = 0
+        self.backward_calls = 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        return torch.zeros(1)
+        first = args[0] if args else next(iter(kwargs.values()))
+        return _Recorded.apply(first, self)
+
+
+def _backward_only(mod) -> bool:
+    return all(RULES[r].phase == "backward" for r in mod.RULES)
 
 
 def _needed_mode(mod) -> str:
@@ -74,6 +95,13 @@ def test_guarded_refuses_and_never_calls_the_kernel(mod, provider, variant, monk
     setup = mod.build(provider, variant, "cpu")
     fake = FakeKernel()
     wrapped = guarded(fake, setup.call.kind, mode=_needed_mode(mod), provider=provider, caps=setup.caps)
+    if _backward_only(mod):
+        out = wrapped(*setup.call.args, **setup.call.kwargs)
+        assert fake.calls == 1, "a backward rule must not refuse the forward"
+        with pytest.raises(FA2ContractError) as info:
+            out.float().sum().backward()
+        assert set(mod.RULES) <= set(info.value.rules) and fake.backward_calls == 0
+        return
     with pytest.raises(FA2ContractError) as info:
         wrapped(*setup.call.args, **setup.call.kwargs)
     assert set(mod.RULES) <= set(info.value.rules)

@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 import torch
 
+from contracts.fa2_mask import fa2_mask, intended_mask
+from contracts.fa2_mask import normalised_window as fa2_window
+
 BOTH = ("flash_attn", "torch")
 OUTCOMES = (
     "ok", "clean_error", "cuda_error", "silent_corruption", "killed_by_signal", "timeout",
@@ -201,45 +204,6 @@ def first_tensor(result) -> torch.Tensor:
 
 
 # --- reference attention ---------------------------------------------------------------------------
-
-
-def intended_mask(sq: int, sk: int, causal: bool, window=(-1, -1), device=None) -> torch.Tensor:
-    """(sq, sk) bool: what the arguments say. Bottom-right aligned; -1 = unbounded on that side;
-    causal = right window 0. Row i sees key j iff i + sk - sq - wl <= j <= i + sk - sq + wr."""
-    wl, wr = window
-    if causal:
-        wr = 0
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(sk, device=device)[None, :]
-    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if wr >= 0:
-        keep &= j <= i + (sk - sq) + wr
-    if wl >= 0:
-        keep &= j >= i + (sk - sq) - wl
-    return keep
-
-
-def fa2_window(causal: bool, window, max_q: int, max_k: int):
-    """FA-2's normalisation (fa2_contract.md, "Mask semantics"): -> (causal, (wl, wr)) it computes with."""
-    wl, wr = window
-    if wl >= max_k:
-        wl = -1
-    if wr >= max_k:
-        wr = -1
-    if max_q == 1:
-        causal = False
-    if causal:
-        wr = 0
-    if wl < 0 and wr < 0:
-        return causal, (-1, -1)
-    return causal, (max_k if wl < 0 else wl, max_k if wr < 0 else wr)
-
-
-def fa2_mask(sq: int, sk: int, causal: bool, window, max_q: int, max_k: int, device=None) -> torch.Tensor:
-    """(sq, sk) bool: what FA-2 computes for one sequence (after its normalisation)."""
-    causal, (wl, wr) = fa2_window(causal, window, max_q, max_k)
-    return intended_mask(sq, sk, False, (wl, wr), device=device) if (wl, wr) != (-1, -1) else \
-        torch.ones(sq, sk, dtype=torch.bool, device=device)
 
 
 def attend(q, k, v, keep, scale, dtype=torch.float64) -> torch.Tensor:

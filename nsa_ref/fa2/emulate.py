@@ -1,11 +1,9 @@
-"""A CPU stand-in for an FA-2 provider that implements FA-2's mask semantics in plain torch.
+"""A CPU stand-in for an FA-2 provider that computes FA-2's mask in plain torch.
 
 It lets the FA-2 layouts (the cmp fold with stride-0 K/V, windows, packed sequences) be tested on
-a machine without a GPU. Mask per sequence (query row i, key column j, lengths Sq, Sk), as FA-2
-normalises it (flash_api.cpp): causal -> wr = 0; both < 0 -> no mask at all; otherwise a
-negative side becomes Sk, and (i, j) is kept iff ``i + Sk - Sq - wl <= j <= i + Sk - Sq + wr``
-(so causal is bottom-right aligned).
-Fully masked rows give out 0 and lse +inf, as FA-2 does.
+a machine without a GPU. The mask is FA-2's own model, ``contracts.fa2_mask.fa2_mask`` (the max_k
+clamp, the max_q == 1 causal drop, bottom-right alignment), applied per sequence with the call's
+max_seqlen. Fully masked rows give out 0 and lse +inf, as FA-2 does.
 """
 from __future__ import annotations
 
@@ -13,20 +11,7 @@ import math
 
 import torch
 
-
-def fa2_mask(sq: int, sk: int, causal: bool, window: tuple[int, int], device=None) -> torch.Tensor:
-    """(sq, sk) bool: True where FA-2 lets query row i see key column j."""
-    wl, wr = window
-    if causal:
-        wr = 0
-    if wl < 0 and wr < 0:
-        return torch.ones(sq, sk, dtype=torch.bool, device=device)
-    wl = sk if wl < 0 else wl
-    wr = sk if wr < 0 else wr
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(sk, device=device)[None, :]
-    shift = sk - sq
-    return (j <= i + shift + wr) & (j >= i + shift - wl)
+from contracts.fa2_mask import fa2_mask
 
 
 def _attend(q, k, v, mask, scale):
@@ -57,7 +42,7 @@ class EmulatedFA2:
     def dense(self, q, k, v, *, causal, window, scale):
         B, Sq = q.shape[:2]
         Sk = k.shape[1]
-        mask = fa2_mask(Sq, Sk, causal, window, q.device)
+        mask = fa2_mask(Sq, Sk, causal, window, device=q.device)
         outs, lses = zip(*(_attend(q[b], k[b], v[b], mask, scale) for b in range(B)))
         return torch.stack(outs), torch.stack(lses)
 
@@ -66,7 +51,7 @@ class EmulatedFA2:
         outs, lses = [], []
         for b in range(len(cq) - 1):
             sq, sk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-            mask = fa2_mask(sq, sk, causal, window, q.device)
+            mask = fa2_mask(sq, sk, causal, window, max_q, max_k, device=q.device)
             o, lse = _attend(q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]], mask, scale)
             outs.append(o)
             lses.append(lse)

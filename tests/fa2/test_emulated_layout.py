@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+from contracts.fa2_mask import fa2_mask
 from nsa_ref import fa2, reference
 from nsa_ref.config import NSAConfig
 from nsa_ref.compress import compress
-from nsa_ref.fa2.emulate import EmulatedFA2, fa2_mask
+from nsa_ref.fa2.emulate import EmulatedFA2
 
 EMU = EmulatedFA2()
 SMALL = NSAConfig(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=6)

@@ -40,34 +40,51 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
+    # Layouts only a general implementation expresses (strided compression, small blocks, other
+    # forced-block counts); few shapes each, chosen for the rules only they exercise.
     Family("paper", (),  # NSAConfig defaults: l 32, d 16, l' 64, n 16 (1 init + 2 local), w 512
-           shapes=((1, 16, 1), (31, 2, 2), (32, 16, 1), (97, 4, 2), (97, 16, 1), (1025, 2, 2)),
+           shapes=((1, 16, 1), (97, 4, 2), (97, 16, 1), (1025, 2, 2)),
            slow=((1025, 16, 1),),
            why="the paper's strided compression; overlap weights 1,2,2,2,1; 512-token window"),
-    Family("tied64", _cfg(block_len=64, block_stride=64, sel_block=64, n_sel=16, n_init=1, n_local=2, window=512),
-           shapes=((1, 16, 1), (63, 16, 1), (64, 16, 1), (65, 32, 2), (130, 16, 1), (200, 2, 2)),
-           slow=((1025, 16, 1),),
-           why="l = d = l' = 64: FLA's defaults (its only layout)", dims=(32, 32)),
-    Family("tied16", _cfg(block_len=16, block_stride=16, sel_block=16, n_sel=4, n_init=1, n_local=2, window=20,
-                          scale=0.2),
-           shapes=((1, 16, 1), (15, 16, 1), (16, 16, 1), (17, 32, 2), (37, 16, 1), (100, 16, 1), (100, 4, 2)),
-           why="tied blocks at a small size: many selection rounds, explicit scale, odd window", dims=(32, 32)),
-    Family("tied8", _cfg(block_len=8, block_stride=8, sel_block=8, n_sel=5, n_init=1, n_local=2, window=5,
-                         scale=0.35),
-           shapes=((7, 16, 1), (9, 16, 1), (41, 32, 2), (70, 16, 1), (70, 1, 1)),
-           why="tied blocks of 8 with 2 free picks among up to 9 blocks: the score ranking decides", dims=(16, 16)),
     Family("variant", _cfg(block_len=8, block_stride=4, sel_block=16, n_sel=4, n_init=0, n_local=3, window=7,
                            scale=0.3),
-           shapes=((1, 4, 2), (9, 2, 2), (37, 16, 1), (40, 6, 2)),
-           why="non-default forced blocks (n_init 0, n_local 3), window 7, explicit scale, strided"),
+           shapes=((37, 16, 1), (40, 6, 2)),
+           why="non-default forced blocks (n_init 0, n_local 3), window 7, explicit scale, G = 3, strided"),
+    Family("tied8", _cfg(block_len=8, block_stride=8, sel_block=8, n_sel=5, n_init=1, n_local=2, window=5,
+                         scale=0.35),
+           shapes=((70, 16, 1),),
+           why="tied blocks of 8 with 2 free picks among up to 9 blocks: the score ranking decides", dims=(16, 16)),
+    Family("tied16", _cfg(block_len=16, block_stride=16, sel_block=16, n_sel=4, n_init=1, n_local=2, window=20,
+                          scale=0.2),
+           shapes=((15, 16, 1), (17, 32, 2), (100, 16, 1)),
+           why="tied blocks of 16 (FLA's smallest tile): many selection rounds, explicit scale, odd window",
+           dims=(32, 32)),
+    # The layout public kernels share (l = d = l' in {32, 64}, G >= 16, Dk = Dv): most shapes.
+    Family("tied32", _cfg(block_len=32, block_stride=32, sel_block=32, n_sel=4, n_init=1, n_local=2, window=48),
+           shapes=((1, 16, 1), (31, 16, 1), (32, 16, 1), (33, 32, 2), (64, 16, 1), (65, 16, 1), (96, 16, 1),
+                   (97, 32, 2), (129, 16, 1), (130, 16, 1), (161, 16, 1), (200, 32, 2), (257, 16, 1),
+                   (320, 16, 1), (400, 32, 2)),
+           why="l = d = l' = 32 (the smallest block both FLA's and native-sparse-attention-triton's kernels "
+               "tile), 1 free pick, a 48-token window across block edges", dims=(32, 32)),
+    Family("tied64", _cfg(block_len=64, block_stride=64, sel_block=64, n_sel=16, n_init=1, n_local=2, window=512),
+           shapes=((1, 16, 1), (63, 16, 1), (64, 16, 1), (65, 32, 2), (127, 16, 1), (128, 16, 1), (130, 16, 1),
+                   (191, 16, 1), (192, 16, 1), (257, 16, 1), (320, 32, 2), (450, 16, 1)),
+           slow=((1025, 16, 1),),
+           why="l = d = l' = 64: FLA's defaults (its only layout)", dims=(32, 32)),
+    Family("tied64-d128", _cfg(block_len=64, block_stride=64, sel_block=64, n_sel=4, n_init=1, n_local=2,
+                               window=100),
+           shapes=((64, 16, 1), (129, 16, 1), (200, 16, 1), (300, 32, 2)),
+           why="l = d = l' = 64 at the head dim real models use (128); 1 free pick among up to 4 blocks",
+           dims=(128, 128)),
 )}
 
 #: Small strided config (blocks of 8, stride 4, selection blocks of 16, 3 picks, window 16):
 #: every rule at a few dozen tokens; used by the varlen, causality and property tests.
 SMALL_CFG: Cfg = _cfg(block_len=8, block_stride=4, sel_block=16, n_sel=3, n_init=1, n_local=1, window=16)
-#: The tied twin of SMALL_CFG (the same tests in the l = d = l' layout), at the smallest block the
-#: public tied-layout kernels tile (16); its cases use Dk = Dv = 16 (see the module docstring).
-SMALL_TIED_CFG: Cfg = _cfg(block_len=16, block_stride=16, sel_block=16, n_sel=4, n_init=1, n_local=2, window=16)
+#: The tied twin of SMALL_CFG (the same tests in the l = d = l' layout) at the smallest block that
+#: the public tied-layout kernels all tile (32: native-sparse-attention-triton's top-k needs l' >= 32,
+#: FLA's >= 16); its cases use Dk = Dv = 16 (see the module docstring).
+SMALL_TIED_CFG: Cfg = _cfg(block_len=32, block_stride=32, sel_block=32, n_sel=4, n_init=1, n_local=2, window=40)
 #: Head dims of the small tied cases.
 SMALL_TIED_DIMS = dict(dk=16, dv=16)
 

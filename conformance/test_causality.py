@@ -17,12 +17,15 @@ from conformance.cases import DEFAULT_CFG, FAMILIES, SMALL_CFG, SMALL_TIED_CFG, 
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-CAUSAL")]
 
-# (case, cut points t0): small config around l - 1 = 7 and l' = 16; default around 31 and 64.
+# (case, cut points t0): small strided config around l - 1 = 7 and l' = 16; default around 31 and
+# 64; the tied configs around their block edges (31/32, 63/64, ...) and window edges (40, 48).
 SETUPS = [
-    (single(48, 4, 2, SMALL_CFG, dk=13, dv=7), (0, 6, 7, 8, 15, 16, 30)),
-    (single(97, 4, 2, DEFAULT_CFG), (30, 31, 47, 63, 64)),
-    (single(60, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS), (0, 14, 15, 16, 31, 32, 47)),
-    (single(150, 16, 1, FAMILIES["tied64"].cfg, dk=32, dv=32), (62, 63, 64, 127, 128)),
+    (single(48, 4, 2, SMALL_CFG, dk=13, dv=7), (7, 8, 16)),
+    (single(97, 4, 2, DEFAULT_CFG), (31, 47, 64)),
+    (single(100, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS), (0, 30, 31, 32, 40, 63, 64)),
+    (single(130, 32, 2, FAMILIES["tied32"].cfg, dk=32, dv=32), (31, 32, 47, 48, 63, 64, 95, 96, 129)),
+    (single(150, 16, 1, FAMILIES["tied64"].cfg, dk=32, dv=32), (0, 62, 63, 64, 127, 128)),
+    (single(200, 16, 1, FAMILIES["tied64-d128"].cfg, dk=128, dv=128), (63, 64, 99, 100, 127, 128)),
 ]
 PARAMS = [pytest.param(case, t0, id=f"{case}-t0={t0}") for case, cuts in SETUPS for t0 in cuts]
 

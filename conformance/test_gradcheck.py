@@ -20,7 +20,7 @@ from torch.autograd.gradcheck import GradcheckError
 from conformance import assertions as A
 from conformance import brute
 from conformance.capabilities import NOT_APPLICABLE, require
-from conformance.cases import SMALL_TIED_CFG, SMALL_TIED_DIMS, lengths_to_cu, single, varlen_case
+from conformance.cases import FAMILIES, SMALL_TIED_CFG, SMALL_TIED_DIMS, lengths_to_cu, single, varlen_case
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("NSA-GRAD"),
               pytest.mark.nsa_needs("backward")]
@@ -145,8 +145,12 @@ def test_gradcheck_nsa_varlen(case, impl_under_test, nsa_device):
 
 @pytest.mark.nsa_rule("NSA-FINITE", "NSA-CMP-EMPTY")
 @pytest.mark.parametrize("case", [varlen_case((0, 5, 35, 0), hq=4, hkv=2, dk=16, dv=8),
-                                  varlen_case((0, 5, 35, 0), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
-                                  varlen_case((5, 35), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
+                                  varlen_case((0, 5, 70, 0), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((5, 70), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((31, 0, 97), hq=32, hkv=2, cfg=FAMILIES["tied32"].cfg, dk=32, dv=32),
+                                  varlen_case((0, 63, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=32, dv=32),
+                                  varlen_case((65, 130), hq=16, hkv=1, cfg=FAMILIES["tied64-d128"].cfg, dk=128,
+                                              dv=128)], ids=str)
 @pytest.mark.parametrize("slot", ["cmp", "sel", "win", "nsa"])
 def test_grads_finite_and_empty_rows_zero(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Backward in the dtype under test: all gradients finite; for cmp, rows t < l - 1 (T=40,

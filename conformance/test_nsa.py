@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from conformance import assertions as A
 from conformance import brute
 from conformance.cases import (
-    SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, as_params, case_strategy, default_cases, on_device, problem, property_settings,
-    selection_free, single, small_cases,
+    FAMILIES, SMALL_CFG, SMALL_TIED_CFG, SMALL_TIED_DIMS, as_params, case_strategy, default_cases, on_device, problem,
+    property_settings, selection_free, single, small_cases,
 )
 
 pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"),
@@ -101,8 +101,11 @@ def test_nsa_matches_brute(case, nsa_impl, impl_under_test, nsa_device, nsa_dtyp
 @pytest.mark.nsa_rule("NSA-GATE")
 @pytest.mark.parametrize("branch", BRANCHES)
 @pytest.mark.parametrize("case", [single(37, 16, 1, SMALL_CFG, dk=13, dv=7, seed=3),
-                                  single(37, 16, 1, SMALL_TIED_CFG, seed=3, **SMALL_TIED_DIMS),
-                                  single(9, 4, 2, SMALL_CFG, dk=13, dv=7, seed=3)], ids=str)
+                                  single(70, 16, 1, SMALL_TIED_CFG, seed=3, **SMALL_TIED_DIMS),
+                                  single(33, 32, 2, SMALL_TIED_CFG, seed=3, **SMALL_TIED_DIMS),
+                                  single(97, 32, 2, FAMILIES["tied32"].cfg, dk=32, dv=32, seed=3),
+                                  single(130, 16, 1, FAMILIES["tied64"].cfg, dk=32, dv=32, seed=3),
+                                  single(200, 16, 1, FAMILIES["tied64-d128"].cfg, dk=128, dv=128, seed=3)], ids=str)
 def test_nsa_one_hot_gates_isolate_branch(branch, case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
     """gates = e_branch -> the output is exactly that branch's brute-force output (gate order)."""
     judged = impl_under_test.judged_dtype("nsa")
@@ -123,7 +126,10 @@ def test_nsa_one_hot_gates_isolate_branch(branch, case, nsa_impl, impl_under_tes
 
 @pytest.mark.nsa_rule("NSA-CMP-EMPTY", "NSA-FINITE")
 @pytest.mark.parametrize("case", [single(7, 4, 2, SMALL_CFG, dk=13, dv=7),
-                                  single(7, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
+                                  single(7, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  single(31, 32, 2, SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  single(1, 16, 1, FAMILIES["tied64"].cfg, dk=32, dv=32),
+                                  single(63, 16, 1, FAMILIES["tied64"].cfg, dk=32, dv=32)], ids=str)
 def test_nsa_empty_cmp_rows_finite(case, nsa_impl, impl_under_test, nsa_device, nsa_dtype):
     """T < l: the cmp branch is empty on every row (contributes exactly 0); output finite, equal to the brute force."""
     check_nsa(case, nsa_impl, nsa_device, nsa_dtype, impl_under_test.judged_dtype("nsa"))

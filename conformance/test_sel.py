@@ -98,11 +98,17 @@ def random_block_idx(case, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.nsa_rule("NSA-SEL-ATTN")
-@pytest.mark.parametrize("case", [single(97, 4, 2), single(37, 4, 2, SMALL_CFG, dk=13, dv=7),
-                                  single(37, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS),
-                                  single(130, 16, 1, CASES_TIED64, dk=32, dv=32),
+@pytest.mark.parametrize("case", [single(97, 4, 2),
                                   varlen_case((5, 0, 30, 17), hq=6, hkv=2, dk=8, dv=5),
-                                  varlen_case((5, 30, 17), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
+                                  single(70, 16, 1, SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((5, 70, 33), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((100, 0, 40), hq=32, hkv=2, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  single(200, 32, 2, FAMILIES["tied32"].cfg, dk=32, dv=32),
+                                  varlen_case((31, 0, 97), hq=16, hkv=1, cfg=FAMILIES["tied32"].cfg, dk=32, dv=32),
+                                  single(130, 16, 1, CASES_TIED64, dk=32, dv=32),
+                                  single(257, 16, 1, CASES_TIED64, dk=32, dv=32),
+                                  varlen_case((0, 130, 65), hq=16, hkv=1, cfg=CASES_TIED64, dk=32, dv=32),
+                                  single(300, 32, 2, FAMILIES["tied64-d128"].cfg, dk=128, dv=128)], ids=str)
 def test_sel_any_block_set(case, sel_impl, impl_under_test, nsa_device, nsa_dtype):
     """Arbitrary valid block sets: blocks after t contribute nothing (s <= t), a row with no
     visible token is exactly 0 and not NaN."""

@@ -23,11 +23,15 @@ pytestmark = [pytest.mark.usefixtures("nsa_cpu_threads"), pytest.mark.nsa_rule("
 CASES = [
     varlen_case(),  # lengths [0, 5, 40, 0, 97], small config
     varlen_case((0, 31, 32, 0, 97), hq=4, hkv=2, cfg=DEFAULT_CFG, dk=24, dv=16),  # default config
-    varlen_case((0, 0), hq=2, hkv=1),  # nothing at all
-    varlen_case((1, 17, 2, 33), hq=16, hkv=1, seed=1),  # G = 16
+    varlen_case((0, 0), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),  # nothing at all
     varlen_case((0, 5, 40, 0, 97), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),  # tied, empty sequences
-    varlen_case((15, 16, 17, 50), hq=32, hkv=2, cfg=SMALL_TIED_CFG, seed=2, **SMALL_TIED_DIMS),  # tied, none empty
+    varlen_case((31, 32, 33, 100), hq=32, hkv=2, cfg=SMALL_TIED_CFG, seed=2, **SMALL_TIED_DIMS),  # tied, none empty
+    varlen_case((17, 100, 3), hq=16, hkv=1, cfg=SMALL_TIED_CFG, seed=3, **SMALL_TIED_DIMS),
+    varlen_case((1, 33, 2, 65), hq=16, hkv=1, cfg=FAMILIES["tied32"].cfg, dk=32, dv=32, seed=1),
+    varlen_case((97, 0, 5, 64), hq=32, hkv=2, cfg=FAMILIES["tied32"].cfg, dk=32, dv=32),
     varlen_case((63, 64, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=32, dv=32),  # FLA's defaults
+    varlen_case((0, 64, 0, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=32, dv=32),
+    varlen_case((1, 200), hq=16, hkv=1, cfg=FAMILIES["tied64-d128"].cfg, dk=128, dv=128),
 ]
 
 
@@ -99,8 +103,12 @@ def test_varlen_equals_per_sequence(slot, case, impl_under_test, nsa_device, nsa
 
 
 @pytest.mark.parametrize("case", [varlen_case((9, 0, 40, 21)),
-                                  varlen_case((9, 0, 40, 21), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
-                                  varlen_case((9, 40, 21), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS)], ids=str)
+                                  varlen_case((9, 0, 80, 40), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((9, 80, 40), hq=16, hkv=1, cfg=SMALL_TIED_CFG, **SMALL_TIED_DIMS),
+                                  varlen_case((33, 64, 0, 97), hq=32, hkv=2, cfg=FAMILIES["tied32"].cfg, dk=32, dv=32),
+                                  varlen_case((70, 0, 130), hq=16, hkv=1, cfg=FAMILIES["tied64"].cfg, dk=32, dv=32),
+                                  varlen_case((65, 130), hq=16, hkv=1, cfg=FAMILIES["tied64-d128"].cfg, dk=128,
+                                              dv=128)], ids=str)
 @pytest.mark.parametrize("slot", ["cmp", "sel", "win", "nsa"])
 def test_varlen_sequences_do_not_leak(slot, case, impl_under_test, nsa_device, nsa_dtype):
     """Changing one sequence's tokens (by a lot) leaves every other sequence's rows unchanged."""
@@ -109,7 +117,9 @@ def test_varlen_sequences_do_not_leak(slot, case, impl_under_test, nsa_device, n
     require(impl_under_test, uses, case)
     x = make_inputs(case, nsa_dtype, nsa_device)
     y = x.clone()
-    s, e = 9, 49  # the third sequence
+    i = max(range(len(case.lengths)), key=lambda j: case.lengths[j])  # the longest sequence changes
+    s = sum(case.lengths[:i])
+    e = s + case.lengths[i]
     for t in (y.q, y.k, y.v):
         t[s:e] = t[s:e] * 3 + 5
     y.gates[s:e] = 1 - y.gates[s:e]
@@ -130,5 +140,5 @@ def test_varlen_sequences_do_not_leak(slot, case, impl_under_test, nsa_device, n
         outs.append(o.detach().cpu())
     after = outs[1].clone()
     after[s:e] = outs[0][s:e]  # the changed sequence may change; every other row must not
-    A.assert_equal(after, outs[0], rule=A.RULE_VARLEN, where=f"{case} slot={slot}: sequence 2 changed",
+    A.assert_equal(after, outs[0], rule=A.RULE_VARLEN, where=f"{case} slot={slot}: sequence {i} changed",
                    name="rows of other sequences", cu_seqlens=x.cu_seqlens.cpu())

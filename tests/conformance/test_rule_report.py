@@ -214,7 +214,7 @@ def win(q, k, v, cfg, cu_seqlens=None):
     wider = cfg.model_copy(update={"window": cfg.window + 1})
     return nsa_ref.win_attention(q, k, v, wider, cu_seqlens, backend="reference")
 '''
-FEW_WIN_TESTS = "test_win_matches_brute and tied8"  # 5 cases, some with G = 16
+FEW_WIN_TESTS = "test_win_matches_brute and paper and (97 or 1025)"  # G = 2, 16 (T < w), G = 1 (T > w)
 
 
 def _wrong_win_module(tmp_path: Path, monkeypatch) -> dict[str, str]:

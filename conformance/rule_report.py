@@ -15,7 +15,11 @@ the declared capabilities, **not tested** otherwise (no test ran, or all were sk
 reasons, e.g. no GPU).
 
 ``report.json`` (stable: sorted keys, rules in catalog order) and ``report.md`` (a table, then
-each failed rule's first failure with a copy-paste repro, then the not-applicable reasons).
+each failed rule's first failure with a copy-paste repro, then the not-applicable reasons, then
+the applicable share of each test function's cases).
+
+Reports of several runs of one implementation (e.g. shards of one suite run in parallel) merge
+into one: ``python -m conformance.rule_report merge OUT_DIR IN_DIR...``.
 """
 from __future__ import annotations
 
@@ -236,6 +240,20 @@ def totals(tests: Mapping[str, dict]) -> dict[str, Any]:
     return counts
 
 
+def by_test(tests: Mapping[str, dict]) -> dict[str, dict[str, int]]:
+    """Per test function (``file::name``, parameters dropped): how many of its cases applied and how
+    many were not applicable. The measure behind "a test applies to an implementation": a function
+    whose grid lies mostly outside the declared space judges little of it."""
+    out: dict[str, dict[str, int]] = {}
+    for nodeid, entry in tests.items():
+        row = out.setdefault(nodeid.split("[", 1)[0], {"applicable": 0, "not applicable": 0})
+        if entry["outcome"] in ("passed", "failed", "known deviation"):
+            row["applicable"] += 1
+        elif entry["outcome"] == "not applicable":
+            row["not applicable"] += 1
+    return dict(sorted(out.items()))
+
+
 def _rule_counts(rules: list[dict]) -> dict[str, int]:
     return {status: sum(r["status"] == status for r in rules) for status in STATUSES}
 
@@ -261,7 +279,7 @@ def build_rule_report(impl, outcomes: Mapping[str, dict], rules_of: Mapping[str,
     rules = [_finish_rule(rows[rule_id]) for rule_id in RULES]
     return {"tool": "nsa-conformance rule report", "rules_doc": RULES_DOC, **header, "totals": totals(tests),
             "rule_counts": _rule_counts(rules), "rules": rules, "unattributed_failures": unattributed,
-            "unknown_rule_ids": unknown}
+            "unknown_rule_ids": unknown, "by_test": by_test(tests)}
 
 
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -285,12 +303,18 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             row["not_applicable_reasons_total"] = max(len(reasons), row["not_applicable_reasons_total"],
                                                       more["not_applicable_reasons_total"])
             row["status"] = rule_status(row["counts"])
+        for name, more in other.get("by_test", {}).items():
+            row = merged.setdefault("by_test", {}).setdefault(name, {"applicable": 0, "not applicable": 0})
+            for key in row:
+                row[key] += more[key]
         merged["unattributed_failures"] += other["unattributed_failures"]
         merged["unknown_rule_ids"] = sorted(set(merged["unknown_rule_ids"]) | set(other["unknown_rule_ids"]))
     t = merged["totals"]
     judged = t["applicable"] + t["not applicable"]
     t["applicable_fraction"] = round(t["applicable"] / judged, 4) if judged else None
     merged["rule_counts"] = _rule_counts(merged["rules"])
+    if "by_test" in merged:
+        merged["by_test"] = dict(sorted(merged["by_test"].items()))
     return merged
 
 
@@ -378,9 +402,26 @@ def _not_applicable_md(report: dict) -> list[str]:
     return lines
 
 
+def _by_test_md(report: dict) -> list[str]:
+    rows = report.get("by_test") or {}
+    judged = {name: c for name, c in rows.items() if c["applicable"] + c["not applicable"]}
+    if not judged:
+        return []
+    low = sum(c["applicable"] < 0.8 * (c["applicable"] + c["not applicable"]) for c in judged.values())
+    lines = ["## Applicability per test", "",
+             f"{len(judged)} test functions judged; {low} with fewer than 80% of their cases applicable.", "",
+             "| test | applicable | not applicable | applicable % |", "|---|---|---|---|"]
+    for name, c in judged.items():
+        n = c["applicable"] + c["not applicable"]
+        lines.append(f"| `{name}` | {c['applicable']} | {c['not applicable']} | {100 * c['applicable'] / n:.0f}% |")
+    return lines + [""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    """``report.md``: header, the per-rule table, failures with repros, not-applicable reasons."""
-    return "\n".join(_header_md(report) + _table_md(report) + _failures_md(report) + _not_applicable_md(report))
+    """``report.md``: header, the per-rule table, failures with repros, not-applicable reasons,
+    applicability per test function."""
+    return "\n".join(_header_md(report) + _table_md(report) + _failures_md(report) + _not_applicable_md(report)
+                     + _by_test_md(report))
 
 
 # --- files ----------------------------------------------------------------------------------------------
@@ -398,3 +439,35 @@ def write_files(out_dir: str | Path, report: dict[str, Any]) -> list[Path]:
 def write_report(out_dir: str | Path, impl, outcomes: Mapping[str, dict], rules_of: Mapping[str, tuple]) -> list[Path]:
     """Build the per-rule report of one run and write ``report.json`` + ``report.md`` into ``out_dir``."""
     return write_files(out_dir, build_rule_report(impl, outcomes, rules_of))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m conformance.rule_report merge OUT_DIR IN_DIR...``: merge the ``report.json`` of
+    each IN_DIR (runs of one implementation) into OUT_DIR/report.json + report.md."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m conformance.rule_report", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge per-rule reports of several runs into one")
+    merge.add_argument("out_dir")
+    merge.add_argument("in_dirs", nargs="+")
+    args = parser.parse_args(argv)
+    reports, missing = [], []
+    for d in args.in_dirs:
+        path = Path(d) / "report.json"
+        if path.is_file():
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            missing.append(str(path))
+    for path in missing:
+        print(f"rule_report merge: no {path} (that run wrote no report); left out")
+    if not reports:
+        print("rule_report merge: no report to merge")
+        return 1
+    for path in write_files(args.out_dir, merge_reports(reports)):
+        print(f"rule_report merge: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -162,6 +162,41 @@ def test_merge_adds_up_runs():
     assert _rules(one)["NSA-WIN"]["counts"]["failed"] == 1, "the inputs are left as they were"
 
 
+def test_by_test_counts_cases_per_function_and_merges():
+    outcomes = {
+        "conformance/test_win.py::test_w[a]": {"outcome": "passed", "detail": ""},
+        "conformance/test_win.py::test_w[b]": {"outcome": "not applicable", "detail": "not applicable: win: G"},
+        "conformance/test_win.py::test_w[c]": {"outcome": "known deviation", "detail": "known deviation [NSA-WIN]"},
+        "conformance/test_win.py::test_w[d]": {"outcome": "skipped", "detail": "no GPU"},
+        "conformance/test_win.py::test_x": {"outcome": "failed", "detail": "E   AssertionError: [NSA-WIN] w"},
+    }
+    rules_of = {nodeid: (["NSA-WIN"], ["win"]) for nodeid in outcomes}
+    report = rule_report.build_rule_report(_impl(), outcomes, rules_of)
+    assert report["by_test"] == {"conformance/test_win.py::test_w": {"applicable": 2, "not applicable": 1},
+                                 "conformance/test_win.py::test_x": {"applicable": 1, "not applicable": 0}}
+    md = rule_report.render_markdown(report)
+    assert "2 test functions judged; 1 with fewer than 80% of their cases applicable." in md
+    assert "| `conformance/test_win.py::test_w` | 2 | 1 | 67% |" in md
+    merged = rule_report.merge_reports([report, report])
+    assert merged["by_test"]["conformance/test_win.py::test_w"] == {"applicable": 4, "not applicable": 2}
+    assert report["by_test"]["conformance/test_win.py::test_w"]["applicable"] == 2, "inputs untouched"
+
+
+def test_merge_cli_writes_one_report_from_shard_dirs(tmp_path, capsys):
+    outcomes, rules_of = _outcomes()
+    one = rule_report.build_rule_report(_impl(), outcomes, rules_of)
+    rule_report.write_files(tmp_path / "a", one)
+    rule_report.write_files(tmp_path / "b", one)
+    code = rule_report.main(["merge", str(tmp_path / "all"), str(tmp_path / "a"), str(tmp_path / "b"),
+                             str(tmp_path / "never-ran")])
+    assert code == 0
+    data = json.loads((tmp_path / "all" / "report.json").read_text(encoding="utf-8"))
+    assert data["totals"]["applicable"] == 2 * one["totals"]["applicable"]
+    assert (tmp_path / "all" / "report.md").is_file()
+    assert "never-ran/report.json (that run wrote no report); left out" in capsys.readouterr().out
+    assert rule_report.main(["merge", str(tmp_path / "none"), str(tmp_path / "never-ran")]) == 1
+
+
 # --- nsa-fa2 check: options and the per-rule report beside check_report.md ---------------------------
 
 def test_check_forwards_the_implementation_flags_and_the_report_dir():

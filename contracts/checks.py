@@ -120,18 +120,38 @@ def dense_reasons(
     return evaluate(c)
 
 
-def qkvpacked_reasons(qkv, **kwargs) -> list[Reason]:
+def qkvpacked_reasons(
+    qkv, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+    softmax_scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
+    deterministic: bool = False, return_softmax: bool = False, backward: bool | None = None,
+    requires_grad: bool | None = None, caps: Caps = None, provider: Provider = "flash_attn",
+    strict: bool = False,
+) -> list[Reason]:
     """qkv: (B, S, 3, H, D) (flash_attn_qkvpacked_func) -> failed rules; keywords as ``dense_reasons``."""
-    return evaluate(_dense_packed_facts(qkv, None, "qkv", kwargs))
+    return evaluate(dense_facts(
+        qkv, qkv, qkv, causal, window_size, dropout_p, softcap, alibi_slopes,
+        requires_grad if backward is None else backward, return_softmax, caps, provider, strict,
+        softmax_scale, "qkv",
+    ))
 
 
-def kvpacked_reasons(q, kv, **kwargs) -> list[Reason]:
+def kvpacked_reasons(
+    q, kv, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+    softmax_scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
+    deterministic: bool = False, return_softmax: bool = False, backward: bool | None = None,
+    requires_grad: bool | None = None, caps: Caps = None, provider: Provider = "flash_attn",
+    strict: bool = False,
+) -> list[Reason]:
     """q: (B, Sq, H, D), kv: (B, Sk, 2, Hkv, D) (flash_attn_kvpacked_func) -> failed rules; keywords as ``dense_reasons``."""
-    return evaluate(_dense_packed_facts(q, kv, "kv", kwargs))
+    return evaluate(dense_facts(
+        q, kv, kv, causal, window_size, dropout_p, softcap, alibi_slopes,
+        requires_grad if backward is None else backward, return_softmax, caps, provider, strict,
+        softmax_scale, "kv",
+    ))
 
 
 def _dense_packed_facts(first, kv, packed, kwargs) -> CallFacts:
-    a = _facts_kwargs(dense_reasons, kwargs)
+    a = _facts_kwargs(qkvpacked_reasons, kwargs)
     k = first if kv is None else kv
     return dense_facts(
         first, k, k, a["causal"], a["window_size"], a["dropout_p"], a["softcap"], a["alibi_slopes"],
@@ -164,25 +184,44 @@ def varlen_reasons(
     return evaluate(c)
 
 
-def varlen_qkvpacked_reasons(qkv, cu_seqlens, max_seqlen: int, **kwargs) -> list[Reason]:
+def varlen_qkvpacked_reasons(
+    qkv, cu_seqlens, max_seqlen: int, *, causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+    dropout_p: float = 0.0, softmax_scale: float | None = None, softcap: float = 0.0, alibi_slopes=None,
+    deterministic: bool = False, return_softmax: bool = False, backward: bool | None = None,
+    requires_grad: bool | None = None, caps: Caps = None, provider: Provider = "flash_attn",
+    strict: bool = False,
+) -> list[Reason]:
     """qkv: (T, 3, H, D), cu_seqlens: (B+1,) int32 (flash_attn_varlen_qkvpacked_func) -> failed rules.
 
     Keywords as ``varlen_reasons`` (no seqused_k / block_table: the packed form has none).
     """
-    return evaluate(_varlen_packed_facts(qkv, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, "qkv", kwargs))
+    return evaluate(varlen_facts(
+        qkv, qkv, qkv, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None, causal, window_size,
+        dropout_p, softcap, alibi_slopes, requires_grad if backward is None else backward, return_softmax,
+        caps, provider, strict, softmax_scale, "qkv",
+    ))
 
 
-def varlen_kvpacked_reasons(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                            **kwargs) -> list[Reason]:
+def varlen_kvpacked_reasons(
+    q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, softmax_scale: float | None = None,
+    softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False, return_softmax: bool = False,
+    backward: bool | None = None, requires_grad: bool | None = None, caps: Caps = None,
+    provider: Provider = "flash_attn", strict: bool = False,
+) -> list[Reason]:
     """q: (Tq, H, D), kv: (Tk, 2, Hkv, D) (flash_attn_varlen_kvpacked_func) -> failed rules; keywords as ``varlen_reasons``."""
-    return evaluate(_varlen_packed_facts(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, "kv", kwargs))
+    return evaluate(varlen_facts(
+        q, kv, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, causal, window_size,
+        dropout_p, softcap, alibi_slopes, requires_grad if backward is None else backward, return_softmax,
+        caps, provider, strict, softmax_scale, "kv",
+    ))
 
 
 def _varlen_packed_facts(first, kv, cu_q, cu_k, max_q, max_k, packed, kwargs) -> CallFacts:
-    a = _facts_kwargs(varlen_reasons, kwargs)
+    a = _facts_kwargs(varlen_kvpacked_reasons, kwargs)
     k = first if kv is None else kv
     return varlen_facts(
-        first, k, k, cu_q, cu_k, max_q, max_k, a["seqused_k"], a["block_table"], a["causal"],
+        first, k, k, cu_q, cu_k, max_q, max_k, None, None, a["causal"],
         a["window_size"], a["dropout_p"], a["softcap"], a["alibi_slopes"],
         _backward_arg(a["backward"], a["requires_grad"]), a["return_softmax"], a["caps"],
         a["provider"], a["strict"], a["softmax_scale"], packed,

@@ -85,11 +85,9 @@ class CallFacts:
 
 def _will_record(q, k, v) -> bool:
     """Whether autograd records a call on q, k, v: grad mode on and one of them requires grad."""
-    if not torch.is_grad_enabled():
-        return False
     for t in (q, k, v):
         if isinstance(t, Tensor) and t.requires_grad:
-            return True
+            return torch.is_grad_enabled()
     return False
 
 

@@ -106,7 +106,7 @@ def _window(a: dict, left: str, right: str) -> tuple[int, int]:
 
 def _given(a: dict, spec: ProviderSpec):
     """The bound names, when the release lacks an argument (FA2-ARG-UNSUPPORTED reads them)."""
-    if spec.supports_softcap and spec.supports_cache_leftpad and spec.supports_return_softmax_lse:
+    if spec.supports_all_arguments:
         return None
     return frozenset(a)
 

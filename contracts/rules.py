@@ -639,8 +639,7 @@ def _unsupported(c: CallFacts) -> list[str]:
 
 
 def fa2_arg_unsupported(c: CallFacts) -> str | None:
-    if c.spec.supports_softcap and c.spec.supports_cache_leftpad and c.spec.supports_varlen_block_table \
-            and c.spec.supports_return_softmax_lse:
+    if c.spec.supports_all_arguments:
         return None
     bad = _unsupported(c)
     if not bad:

@@ -88,6 +88,8 @@ class ProviderSpec(BaseModel):
     supports_varlen_block_table: bool = True
     supports_return_softmax_lse: bool = True
     supports_cache_leftpad: bool = True
+    # All four of the above (one attribute read on the hot path); set by the spec builders.
+    supports_all_arguments: bool = True
     # flash_attn < 2.7.3 refuses some backwards off sm80/sm90 (versions.BWD_ARCH_CHECK_SINCE).
     bwd_arch_check: versions.BwdArchCheck = None
     # Positional parameter names per guard kind (flash_attn: versions.signature).
@@ -160,6 +162,7 @@ def _flash_attn_spec(version: str) -> ProviderSpec:
         supports_varlen_block_table=versions.has(v, "varlen_block_table"),
         supports_return_softmax_lse=versions.has(v, "return_softmax_lse"),
         supports_cache_leftpad=versions.has(v, "cache_leftpad"),
+        supports_all_arguments=v >= versions.NEWEST_ARGUMENT,
         signatures={kind: versions.signature(v, kind) for kind in versions.ENTRY_POINTS},
         guard_recommendations=guard_recommendations_for("flash_attn", ".".join(map(str, v))),
     )
@@ -175,6 +178,7 @@ def _torch_spec(version: str) -> ProviderSpec:
         masks_return_softmax=False,
         supports_softcap=False,
         supports_varlen_block_table=v >= (2, 13),
+        supports_all_arguments=False,
         dense_empty_batch_ok=v >= (2, 10),
         aten_supports_block_table=v >= (2, 13),
         varlen_attn_supports_gqa=v >= (2, 13),

@@ -34,6 +34,8 @@ ARGUMENT_SINCE: dict[str, Version] = {
     "cache_leftpad": (2, 6, 1),
 }
 
+NEWEST_ARGUMENT: Version = max(ARGUMENT_SINCE.values())
+
 # The pre-2.7.3 backward check on non-sm80/sm90 GPUs, by first release (None: no check).
 BwdArchCheck = Literal["d>192", "d<=224 or dropout", "dropout"] | None
 BWD_ARCH_CHECK_SINCE: tuple[tuple[Version, BwdArchCheck], ...] = (

@@ -186,10 +186,10 @@ def main(argv=None) -> int:
                 shown = "never" if e["min_len"] >= NEVER else e["min_len"]
                 print(f"{gpu} {branch} d={dk}: FA-2 from T >= {shown} ({e['provider']}, per mode {e['per_mode']})")
     if args.write_thresholds:
-        from nsa_ref import router
+        from nsa_ref.fa2 import thresholds
 
-        router.THRESHOLDS_FILE.write_text(thresholds_yaml(rec, args.csv.as_posix()))
-        print(f"wrote {router.THRESHOLDS_FILE}")
+        thresholds.THRESHOLDS_FILE.write_text(thresholds_yaml(rec, args.csv.as_posix()))
+        print(f"wrote {thresholds.THRESHOLDS_FILE}")
     if not args.no_plots:
         for path in plot(rows, out, args.min_ratio):
             print(f"plot: {path}")

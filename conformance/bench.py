@@ -84,8 +84,43 @@ def _flex_fn(branch, cfg, T, G):
     return run
 
 
+def _backend_for(branch: str, path: str):
+    """A bench path -> (the router's backend name, NSASettings or None), or LookupError when that
+    backend has no kernel for ``branch``. "fa2:<provider>" pins the provider through the settings
+    handed to the router; "torch" is the torch block selection (where select goes on "reference")."""
+    from nsa_ref.backends import BY_NAME
+    from nsa_ref.settings import current_settings
+
+    settings = None
+    if path.startswith("fa2:"):
+        name, settings = "fa2", current_settings().model_copy(update={"fa2_provider": path[4:]})
+    elif path == "torch" and branch == "select":
+        return "reference", None
+    elif path in ("sdpa", "triton"):
+        name = path
+    else:
+        raise LookupError(f"no {path} path for {branch}")
+    if branch not in BY_NAME[name].branches:
+        raise LookupError(f"no {path} path for {branch}")
+    return name, settings
+
+
+def _routed(branch: str, backend: str, cfg, settings):
+    """fn(q, k, v, *rest) -> the branch's result on the route the router picks for ``backend``
+    (args as the public branch function takes them, cfg appended)."""
+    from nsa_ref import router
+
+    def run(q, k, v, *rest):
+        args = (q, k, v, *rest, cfg)
+        kv = (k, k) if branch == "select" else (k, v)
+        route = router.choose(branch, backend, q=q, k=kv[0], v=kv[1], cfg=cfg, settings=settings)
+        return route.run(args, None)
+    return run
+
+
 def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool = False):
-    """(callable, inputs list-of-tuples builder) for one case, or raise LookupError(reason)."""
+    """(callable, inputs list-of-tuples builder) for one case, or raise LookupError(reason).
+    NSA's own paths run where the router sends the backend the path names (``_backend_for``)."""
     import torch
     from nsa_ref import fa2
     from nsa_ref.compress import compress
@@ -104,31 +139,31 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool =
         prov = fa2.get_provider(path[4:])
         if not prov.is_available():
             raise LookupError(f"provider {prov.name} not usable")
-    if branch == "win":
-        if prov is not None:
-            return (lambda q, k, v: fa2.win_attention(q, k, v, cfg, provider=prov)), make
-        if path == "sdpa":
-            from nsa_ref import sdpa
-            return (lambda q, k, v: sdpa.win_attention(q, k, v, cfg)), make
-        if path == "flex":
-            return _flex_fn("win", cfg, T, G), make
+    if path == "flex" and branch in ("win", "cmp"):
+        fn = _flex_fn(branch, cfg, T, G)
+    elif branch == "full_causal" and prov is not None:
+        def fn(q, k, v):
+            return prov.dense(q[None], k[None], v[None], causal=True, window=(-1, -1), scale=dk ** -0.5)[0]
+    elif branch == "nsa":
+        from nsa_ref import nsa_attention
+
+        # backend="fa2" puts all three branches on FA-2 (sel via the gather path); "triton":
+        # Triton for selection and sel, cmp and win on the auto route (FA-2).
+        backend, settings = _backend_for("sel", path)
+
+        def fn(q, k, v, g):
+            return nsa_attention(q, k, v, g, cfg, backend=backend, settings=settings)
+    else:
+        if branch == "select" and mode_is_bwd:
+            raise LookupError("block selection has no backward")
+        backend, settings = _backend_for(branch, path)
+        fn = _routed(branch, backend, cfg, settings)
     if branch == "cmp":
         def make_cmp(seed):
             q, k, v = make(seed)
             return q, compress(k, cfg)[0], compress(v, cfg)[0]
-        if prov is not None:
-            return (lambda q, kc, vc: fa2.cmp_attention(q, kc, vc, cfg, provider=prov)[0]), make_cmp
-        if path == "sdpa":
-            from nsa_ref import sdpa
-            return (lambda q, kc, vc: sdpa.cmp_attention(q, kc, vc, cfg)[0]), make_cmp
-        if path == "flex":
-            return _flex_fn("cmp", cfg, T, G), make_cmp
+        return ((lambda q, kc, vc: fn(q, kc, vc)[0]) if path != "flex" else fn), make_cmp
     if branch == "select":
-        from nsa_ref import selection
-
-        if mode_is_bwd:
-            raise LookupError("block selection has no backward")
-
         def make_select(seed):
             q, k, _ = make(seed)
             kc = compress(k, cfg)[0]
@@ -137,48 +172,23 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool =
                 from nsa_ref.triton_kernels.scoring import cmp_lse
                 lse = cmp_lse(q, kc, cfg)
             return q, kc, lse
-        if path == "triton":
-            from nsa_ref.triton_kernels import select_blocks as triton_select
-            return (lambda q, kc, lse: triton_select(q, kc, cfg, lse=lse)), make_select
-        if path == "torch":
-            return (lambda q, kc, lse: selection.select_blocks(q, kc, cfg)), make_select
-    if branch == "sel" and (path in ("sdpa", "triton") or prov is not None):
-        from nsa_ref import sdpa, select_blocks
+        return (lambda q, kc, lse: fn(q, kc, lse)), make_select
+    if branch == "sel":
+        from nsa_ref import select_blocks
 
         def make_sel(seed):
             q, k, v = make(seed)
             with torch.no_grad():
                 idx = select_blocks(q, compress(k, cfg)[0], cfg)
             return q, k, v, idx
-        if prov is not None:
-            return (lambda q, k, v, idx: fa2.sel_attention(q, k, v, idx, cfg, provider=prov)), make_sel
-        if path == "triton":
-            from nsa_ref import triton_kernels
-            return (lambda q, k, v, idx: triton_kernels.sel_attention(q, k, v, idx, cfg)), make_sel
-        return (lambda q, k, v, idx: sdpa.sel_attention(q, k, v, idx, cfg)), make_sel
-    if branch == "full_causal" and prov is not None:
-        def full(q, k, v):
-            return prov.dense(q[None], k[None], v[None], causal=True, window=(-1, -1), scale=dk ** -0.5)[0]
-        return full, make
+        return fn, make_sel
     if branch == "nsa":
-        from nsa_ref import nsa_attention
-
         def make_nsa(seed):
             q, k, v = make(seed)
             gates = torch.rand(T, hq, 3, device="cuda", dtype=dtype)
             return q, k, v, gates
-        if prov is not None:
-            import os
-
-            # backend="fa2" puts all three branches on FA-2 (sel via the gather path).
-            os.environ["NSA_FA2_PROVIDER"] = prov.name
-            return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="fa2")), make_nsa
-        if path == "sdpa":
-            return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="sdpa")), make_nsa
-        if path == "triton":
-            # Triton for selection and sel; cmp and win take the auto route (FA-2).
-            return (lambda q, k, v, g: nsa_attention(q, k, v, g, cfg, backend="triton")), make_nsa
-    raise LookupError(f"no {path} path for {branch}")
+        return fn, make_nsa
+    return fn, make
 
 
 def fwd_flops(branch, T, hq, dk, dv, cfg) -> float:

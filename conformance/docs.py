@@ -242,9 +242,9 @@ def thresholds_block() -> str:
     """The router's minimum lengths from nsa_ref/fa2_thresholds.yaml, one row per GPU/branch/head dim."""
     import yaml
 
-    from nsa_ref import router
+    from nsa_ref.fa2 import thresholds
 
-    data = yaml.safe_load(router.THRESHOLDS_FILE.read_text(encoding="utf-8")) or {}
+    data = yaml.safe_load(thresholds.THRESHOLDS_FILE.read_text(encoding="utf-8")) or {}
     lines = [
         "_Generated from `nsa_ref/fa2_thresholds.yaml` by `python -m conformance.docs`._",
         "",

@@ -20,7 +20,7 @@ GATE_TS = [int(t) for t in os.environ.get("NSA_GATE_TS", "16384,65536").split(",
 
 
 def _threshold(branch: str, head_dim: int) -> int:
-    from nsa_ref.router import default_min_len
+    from nsa_ref.fa2.thresholds import default_min_len
 
     return default_min_len(branch, torch.device("cuda"), head_dim)
 

@@ -2,49 +2,35 @@
 
 All tensors use the FA-2 varlen layout (Documentation/Architecture/Design.md): ``q (T, Hq, Dk)``,
 ``k (T, Hkv, Dk)``, ``v (T, Hkv, Dv)``, optional ``cu_seqlens (B+1,) int32``. ``backend`` is
-"auto" | "reference" | "sdpa" | "fa2" | "triton"; ``nsa_ref.router.choose`` alone decides what
-runs (Triton covers block selection and the selected branch).
+"auto" | "reference" | "sdpa" | "fa2" | "triton"; ``nsa_ref.router.choose`` alone decides which
+backend (``nsa_ref/backends``) runs each branch call, and the returned route runs it.
 """
 from __future__ import annotations
 
 import torch
 
-from nsa_ref import masks, reference, router, sdpa, selection, telemetry, varlen
+from nsa_ref import router, selection, telemetry
 from nsa_ref.compress import compress as _mean_compress
 from nsa_ref.config import NSAConfig
 from nsa_ref.inputs import (
     check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_lse, check_tensor,
     check_tokens,
 )
-from nsa_ref.settings import current_settings
+from nsa_ref.settings import NSASettings, current_settings
 
 __all__ = ["compress", "cmp_attention", "select_blocks", "sel_attention", "win_attention", "nsa_attention"]
 
 
 # --- dispatch ----------------------------------------------------------------------------------
 
-def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple):
-    """Ask the router where ``branch`` runs and call that module's function with ``args``."""
-    route = router.choose(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens)
-    name = f"{branch}_attention"
-    if route.path == "reference":
-        fn, extra = getattr(reference, name), {}
-    elif route.path == "sdpa":
-        fn, extra = getattr(sdpa, name), {}
-    elif route.path == "fa2":
-        from nsa_ref import fa2
-
-        fn, extra = getattr(fa2, name), {"provider": route.provider, "pref_fp16": route.pref_fp16}
-    elif route.path == "triton":
-        from nsa_ref import triton_kernels
-
-        fn, extra = getattr(triton_kernels, name), {}
-    else:
-        raise ValueError(f"router chose path {route.path!r} for {branch}, which api.py does not know")
-    settings = current_settings()
+def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple,
+                settings: NSASettings | None = None):
+    """Ask the router where ``branch`` runs and run it there with ``args`` (q first, cfg last)."""
+    settings = settings or current_settings()
+    route = router.choose(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens, settings=settings)
     with telemetry.timed(branch, route.path, q, settings.debug_timing):
-        result = fn(*args, cu_seqlens, **extra)
-    if settings.sdpa_audit and route.path != "sdpa":
+        result = route.run(args, cu_seqlens)
+    if settings.sdpa_audit and route.path != "sdpa" and branch != "select":
         from nsa_ref.audit import audit_against_sdpa
 
         out = result[0] if isinstance(result, tuple) else result
@@ -129,16 +115,8 @@ def select_blocks(
     return _select(q, k_cmp, cfg, cu_seqlens, backend, lse)
 
 
-def _select(q, k_cmp, cfg, cu_seqlens, backend, lse):
-    route = router.choose("select", backend, q=q, k=k_cmp, v=k_cmp, cfg=cfg, cu_seqlens=cu_seqlens)
-    settings = current_settings()
-    with telemetry.timed("select", route.path, q, settings.debug_timing):
-        if route.path == "triton":
-            from nsa_ref import triton_kernels
-
-            return triton_kernels.select_blocks(q.detach(), k_cmp.detach(), cfg, cu_seqlens,
-                                                lse=None if lse is None else lse.detach())
-        return selection.select_blocks(q, k_cmp, cfg, cu_seqlens)
+def _select(q, k_cmp, cfg, cu_seqlens, backend, lse, settings=None):
+    return _route_call("select", backend, q, k_cmp, k_cmp, cfg, cu_seqlens, (q, k_cmp, lse, cfg), settings)
 
 
 def sel_attention(
@@ -188,6 +166,8 @@ def nsa_attention(
     cfg: NSAConfig,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    *,
+    settings: NSASettings | None = None,
 ) -> torch.Tensor:
     """q: (T, Hq, Dk), k: (T, Hkv, Dk), v: (T, Hkv, Dv), gates: (T, Hq, 3) -> (T, Hq, Dv).
 
@@ -196,6 +176,8 @@ def nsa_attention(
     "mean": the "mlp" phi has weights (use ``NSAAttention``). ``backend`` goes to the router
     for each branch and for the selection as given (the cmp branch's log-sum-exp is handed to
     the Triton selection; backend="triton" runs Triton where it has kernels, "auto" elsewhere).
+    ``settings``: the NSA_* flags for this call (e.g. a pinned FA-2 provider); None reads them
+    from the environment.
     """
     check_cfg(cfg)
     if cfg.compress != "mean":
@@ -208,10 +190,10 @@ def nsa_attention(
     check_gates(gates, q)
     k_cmp, _ = _mean_compress(k, cfg, cu_seqlens)
     v_cmp, _ = _mean_compress(v, cfg, cu_seqlens)
-    o_cmp, lse = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg))
-    block_idx = _select(q, k_cmp, cfg, cu_seqlens, backend, lse)
-    o_sel = _route_call("sel", backend, q, k, v, cfg, cu_seqlens, (q, k, v, block_idx, cfg))
-    o_win = _route_call("win", backend, q, k, v, cfg, cu_seqlens, (q, k, v, cfg))
+    o_cmp, lse = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg), settings)
+    block_idx = _select(q, k_cmp, cfg, cu_seqlens, backend, lse, settings)
+    o_sel = _route_call("sel", backend, q, k, v, cfg, cu_seqlens, (q, k, v, block_idx, cfg), settings)
+    o_win = _route_call("win", backend, q, k, v, cfg, cu_seqlens, (q, k, v, cfg), settings)
     return combine_branches(gates, o_cmp, o_sel, o_win)
 
 

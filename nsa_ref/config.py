@@ -6,8 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from nsa_ref import masks
-
 
 class NSAConfig(BaseModel):
     """NSA block sizes and counts; every rule in ``nsa_ref`` reads them from here.
@@ -70,9 +68,10 @@ class NSAConfig(BaseModel):
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
 
     def num_cmp_blocks(self, seqlen: int) -> int:
-        """Tc for one sequence of ``seqlen`` tokens (see ``masks.num_cmp_blocks``)."""
-        return masks.num_cmp_blocks(seqlen, self)
+        """Tc: compression blocks [i*d, i*d + l) that fit in ``seqlen`` tokens; 0 when seqlen < l."""
+        l, d = self.block_len, self.block_stride
+        return 0 if seqlen < l else (seqlen - l) // d + 1
 
     def num_sel_blocks(self, seqlen: int) -> int:
-        """nb = ceil(seqlen / l') for one sequence (see ``masks.num_sel_blocks``)."""
-        return masks.num_sel_blocks(seqlen, self)
+        """nb = ceil(seqlen / l'): selection blocks [j*l', (j+1)*l') covering ``seqlen`` tokens."""
+        return -(-seqlen // self.sel_block)

@@ -7,9 +7,10 @@ query, as in prefill. The step reuses prefill's rule functions and math (``refer
 ``selection.cmp_block_probs`` / ``block_scores`` / ``top_blocks``) on the cached tensors, so in
 fp64 it agrees with prefill to rounding (~1e-12).
 
-``decode_step(..., backend=)``: block selection and the selected branch run on the Triton
-kernels when the router's Triton rules allow it ("auto" on CUDA, or "triton" explicitly), with
-the same rules; cmp and win always use the reference math on the cached tensors.
+``decode_step(..., backend=)`` asks ``nsa_ref.router`` as prefill's sel branch does: where it
+routes to Triton, block selection and the selected branch run on the Triton decode kernels;
+every other route runs the reference math on the cached tensors (cmp and win always do), and an
+explicit backend that cannot run raises as in prefill (backend="fa2" on CPU: FA2Unavailable).
 
 The cache stores tensors as given (graph included); run inference under ``torch.no_grad()``.
 """
@@ -184,9 +185,10 @@ def decode_step(
 
     Row b is the next token of cached sequence b: appended to the cache (emitting a compressed
     block when one ends), then cmp / select / sel / win for that single query, gated as in
-    ``nsa_attention``. ``phi_k``/``phi_v`` must be the compressors prefill used. ``backend``
-    ("auto" | "triton" | anything else = reference math) picks where select and sel run; an
-    explicit "triton" that cannot run raises ``router.TritonUnavailable`` before the cache changes.
+    ``nsa_attention``. ``phi_k``/``phi_v`` must be the compressors prefill used. ``backend`` goes
+    to the router as for prefill's sel branch: a Triton route runs select and sel on the Triton
+    kernels, any other the reference math; an explicit backend that cannot run raises
+    (``router.TritonUnavailable``, ``router.FA2Unavailable``) before the cache changes.
     """
     # Every check runs before the cache is touched: a refused step leaves the cache as it was.
     check_cfg(cfg)
@@ -213,14 +215,10 @@ def decode_step(
         raise ValueError(f"Hq must be a multiple of Hkv (GQA), got Hq={q.shape[1]}, Hkv={k.shape[1]}")
     if tuple(gates.shape[1:]) != (q.shape[1], 3):
         raise ValueError(f"gates must be (B, Hq, 3) = {(q.shape[0], q.shape[1], 3)}, got {tuple(gates.shape)}")
-    if backend not in router.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(router.BACKENDS)}")
-    use_triton = False
-    if backend in ("auto", "triton"):
-        refusal = router.triton_refusal("sel", q, k, v, cfg, explicit=backend == "triton")
-        if refusal is not None and backend == "triton":
-            raise router.TritonUnavailable(f"backend='triton' requested for decode but it cannot run: {refusal}")
-        use_triton = refusal is None
+    # The same decision as prefill's sel branch (an explicit backend that cannot run raises
+    # FA2Unavailable / TritonUnavailable here, before the cache changes); decode has one-token
+    # steps for Triton only, every other path runs the exact math below.
+    use_triton = router.decide("sel", backend, q=q, k=k, v=v, cfg=cfg).path == "triton"
     path = "triton" if use_triton else "reference"
     for branch in ("select", "sel"):
         telemetry.record(branch, path, "decode_step")

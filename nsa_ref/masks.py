@@ -15,14 +15,13 @@ if TYPE_CHECKING:
 
 
 def num_cmp_blocks(seqlen: int, cfg: "NSAConfig") -> int:
-    """Tc: compression blocks [i*d, i*d + l) that fit in ``seqlen`` tokens; 0 when seqlen < l."""
-    l, d = cfg.block_len, cfg.block_stride
-    return 0 if seqlen < l else (seqlen - l) // d + 1
+    """Tc of one sequence (``NSAConfig.num_cmp_blocks``, where the geometry lives)."""
+    return cfg.num_cmp_blocks(seqlen)
 
 
 def num_sel_blocks(seqlen: int, cfg: "NSAConfig") -> int:
-    """nb = ceil(seqlen / l'): selection blocks [j*l', (j+1)*l') covering ``seqlen`` tokens."""
-    return -(-seqlen // cfg.sel_block)
+    """nb of one sequence (``NSAConfig.num_sel_blocks``, where the geometry lives)."""
+    return cfg.num_sel_blocks(seqlen)
 
 
 def cmp_block_end(i, cfg: "NSAConfig"):

@@ -17,19 +17,17 @@ import torch
 import torch.utils.checkpoint
 
 from nsa_ref import masks, varlen
-from nsa_ref.fa2.branches import _prepare, _scale
+from nsa_ref.fa2 import calls
 from nsa_ref.fa2.providers import FA2Provider
-
-#: Upper bound on gathered (token, KV head, key) slots per chunk.
-GATHER_BUDGET = 1 << 24
 
 
 def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Provider,
-                  pref_fp16: bool = False):
+                  pref_fp16: bool = False, plan: calls.FA2Plan | None = None):
     """q: (T, Hq, Dk), k: (T, Hkv, Dk), v: (T, Hkv, Dv), block_idx: (T, Hkv, n) int -> (T, Hq, Dv).
 
     Query t (head h) attends the tokens s <= t of the blocks in block_idx[t, h // G]; -1 entries
     and repeats are ignored; a row with nothing listed gives 0 (FA-2's empty-row output).
+    ``plan``: the checked ``calls.plan("sel", ...)``; planned here when None.
     """
     T, Hq, dk = q.shape
     Hkv, dv = k.shape[1], v.shape[-1]
@@ -38,9 +36,9 @@ def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Prov
     n = block_idx.shape[-1]
     if T == 0:
         return q.new_zeros(0, Hq, dv)
-    qp, kp, vp = _prepare(q, k, v, pref_fp16)
-    D = qp.shape[-1]
-    scale = _scale(cfg, dk)
+    plan = plan or calls.plan("sel", q, k, v, cfg, cu_seqlens, pref_fp16)
+    qp, kp, vp = plan.prepare(q, k, v)
+    D, scale = plan.head_dim, plan.scale
     pos, start = varlen.token_positions(cu_seqlens, T, q.device)
     k_rows, v_rows = kp.reshape(T * Hkv, D), vp.reshape(T * Hkv, D)
     if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and kp.dtype != torch.float32:
@@ -48,7 +46,7 @@ def sel_attention(q, k, v, block_idx, cfg, cu_seqlens=None, *, provider: FA2Prov
         k_rows, v_rows = k_rows.float(), v_rows.float()
     offsets = torch.arange(lp, device=q.device)
     heads = torch.arange(Hkv, device=q.device)[None, :, None, None]
-    chunk = max(1, GATHER_BUDGET // (Hkv * n * lp))
+    chunk = calls.sel_chunk_tokens(Hkv, n, lp)
     def run_chunk(a: int, b: int, q_chunk, k_all, v_all):
         C = b - a
         idx = masks.unique_blocks(block_idx[a:b]).long()  # sorted, repeats and -1 -> -1

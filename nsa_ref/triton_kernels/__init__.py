@@ -1,9 +1,11 @@
 """Triton kernels for NSA's selection: fused block scoring + top-n, and group-centric selected
 attention (forward and backward). Imported lazily: nothing here loads Triton until used.
 
-``unavailable_reason(x)`` says why these kernels cannot run on tensor ``x`` (None when they can):
-Triton must import, and ``x`` must live on a CUDA GPU of compute capability >= 8.0, or on the
-CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, meant for tests, fp32/fp64 only).
+``unavailable_reason(x)`` says why these kernels cannot run on tensor ``x``'s device (None when
+they can): Triton must import, and ``x`` must live on a CUDA GPU of compute capability >= 8.0, or
+on the CPU with ``TRITON_INTERPRET=1`` (Triton's interpreter; slow, meant for tests, fp32/fp64
+only). The backend's other facts (branches, dtypes, widest head dim) are in
+``nsa_ref.backends.triton``.
 """
 from __future__ import annotations
 
@@ -12,22 +14,16 @@ import os
 
 import torch
 
-#: Dtypes the kernels take; fp32/fp64 run their dot products in IEEE arithmetic (no TF32), and
-#: fp64 accumulates in fp64 (there for gradcheck; on a GPU ~1e-8 relative, see selected.py).
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def unavailable_reason(x: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot run on ``x``'s device and dtype, or None if they can."""
+    """Why the Triton kernels cannot run on ``x``'s device (and, under the interpreter, in its
+    dtype), or None if they can."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install triton; it ships with CUDA builds of torch)"
-    if x.dtype not in TRITON_DTYPES:
-        return f"dtype {x.dtype} has no Triton path (fp16, bf16, fp32, fp64)"
     if x.device.type == "cpu":
         if interpreting():
             if x.dtype in (torch.float16, torch.bfloat16):
@@ -70,5 +66,5 @@ def sel_attention(*args, **kwargs):
     return impl(*args, **kwargs)
 
 
-__all__ = ["TRITON_DTYPES", "interpreting", "sel_attention", "select_blocks", "triton_version",
+__all__ = ["interpreting", "sel_attention", "select_blocks", "triton_version",
            "unavailable_reason"]

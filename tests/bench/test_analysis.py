@@ -6,6 +6,7 @@ import yaml
 
 from conformance import analysis, bench
 from nsa_ref import router
+from nsa_ref.fa2 import thresholds
 
 GPU = "NVIDIA H100 80GB HBM3"
 
@@ -52,11 +53,11 @@ def test_recommend_takes_strictest_mode_and_router_reads_yaml(tmp_path, monkeypa
     assert yaml.safe_load(text)["gpus"][GPU]["win"][128] == 1024
     target = tmp_path / "fa2_thresholds.yaml"
     target.write_text(text)
-    monkeypatch.setattr(router, "THRESHOLDS_FILE", target)
-    monkeypatch.setattr(router, "_THRESHOLDS", None)
+    monkeypatch.setattr(thresholds, "THRESHOLDS_FILE", target)
+    monkeypatch.setattr(thresholds, "_THRESHOLDS", None)
     monkeypatch.setattr(router.torch.cuda, "get_device_name", lambda device=None: GPU)
-    assert router.default_min_len("win", router.torch.device("cuda"), 128) == 1024
-    assert router.default_min_len("win", router.torch.device("cuda"), 64) == 1024  # next listed dim up
+    assert thresholds.default_min_len("win", router.torch.device("cuda"), 128) == 1024
+    assert thresholds.default_min_len("win", router.torch.device("cuda"), 64) == 1024  # next listed dim up
 
 
 def test_main_writes_plots_and_json(tmp_path, capsys):

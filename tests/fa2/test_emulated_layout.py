@@ -105,14 +105,12 @@ def test_padded_head_dim():
 
 
 def test_planned_calls_are_legal_for_the_contract():
-    import contracts
-
     q, k, v = _qkv(100, 8, 2, 192, 128, torch.bfloat16)
     for branch in ("cmp", "win", "sel"):
-        for call in fa2.branches.planned_calls(branch, q, k, v, NSAConfig()):
-            kind = call.pop("kind")
-            check = contracts.dense_reasons if kind == "dense" else contracts.varlen_reasons
-            assert check(**call) == [], f"{branch} {kind} plan should be legal"
+        plan = fa2.calls.plan(branch, q, k, v, NSAConfig())
+        for call in plan.calls:
+            kind = call.kind
+            assert call.contract_reasons(plan.dtype) == [], f"{branch} {kind} plan should be legal"
 
 
 @pytest.mark.parametrize("lengths", [[37], [0, 13, 1, 0, 22]])
@@ -161,10 +159,10 @@ def test_cmp_fold_gradients_flow_to_q_and_compressed_kv(T):
 
 
 def test_sel_gather_gradients_match_reference_through_checkpointed_chunks(monkeypatch):
-    from nsa_ref.fa2 import selected
+    from nsa_ref.fa2 import calls, selected
     from nsa_ref.selection import select_blocks
 
-    monkeypatch.setattr(selected, "GATHER_BUDGET", 2 * 2 * 3 * 8)  # two tokens per chunk
+    monkeypatch.setattr(calls, "GATHER_BUDGET", 2 * 2 * 3 * 8)  # two tokens per chunk
     cfg = SMALL
     q, k, v = _qkv(21, 4, 2, 8, 8, torch.float32)
     idx = select_blocks(q.double(), compress(k.double(), cfg)[0], cfg)

@@ -196,9 +196,10 @@ def test_gpu_router_test_expects_what_the_router_does_on_an_h200(fake_cuda, monk
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
 
     monkeypatch.setattr(api.router, "choose", decide_then_run_on_cpu)
-    monkeypatch.setattr(api, "sdpa", types.SimpleNamespace(
-        cmp_attention=lambda q, k, v, *rest: (zeros(q, k, v), q.new_zeros(q.shape[:2], dtype=torch.float32)),
-        sel_attention=zeros, win_attention=zeros))
+    monkeypatch.setattr("nsa_ref.sdpa.cmp_attention",
+                        lambda q, k, v, *rest: (zeros(q, k, v), q.new_zeros(q.shape[:2], dtype=torch.float32)))
+    monkeypatch.setattr("nsa_ref.sdpa.sel_attention", zeros)
+    monkeypatch.setattr("nsa_ref.sdpa.win_attention", zeros)
     hq, hkv, d = gpu_test.ROUTER_G * gpu_test.HKV, gpu_test.HKV, gpu_test.ROUTER_D
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(T, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))

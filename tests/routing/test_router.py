@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nsa_ref import router, telemetry
+from nsa_ref.fa2 import thresholds
 from nsa_ref.config import NSAConfig
 from nsa_ref.fa2.emulate import EmulatedFA2
 from nsa_ref.settings import NSASettings, current_settings
@@ -98,17 +99,17 @@ def test_settings_read_from_environment(monkeypatch):
 
 def test_thresholds_file_default_applies_to_unlisted_gpus(monkeypatch):
     table = {"default": {"win": 7}, "gpus": {"H100": {"win": {64: 11, 128: 99}}}}
-    monkeypatch.setattr(router, "_THRESHOLDS", table)
+    monkeypatch.setattr(thresholds, "_THRESHOLDS", table)
     monkeypatch.setattr(router.torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    assert router.default_min_len("win", torch.device("cuda"), 128) == 7
+    assert thresholds.default_min_len("win", torch.device("cuda"), 128) == 7
     monkeypatch.setattr(router.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert router.default_min_len("win", torch.device("cuda"), 128) == 99
-    assert router.default_min_len("win", torch.device("cuda"), 32) == 11  # next listed dim up
-    assert router.default_min_len("win", torch.device("cuda"), 256) == 99  # above all: the largest
+    assert thresholds.default_min_len("win", torch.device("cuda"), 128) == 99
+    assert thresholds.default_min_len("win", torch.device("cuda"), 32) == 11  # next listed dim up
+    assert thresholds.default_min_len("win", torch.device("cuda"), 256) == 99  # above all: the largest
 
 
 def test_committed_thresholds_file_parses_and_lists_the_measured_gpus():
-    table = router._load_thresholds()
+    table = thresholds.load_thresholds()
     assert set(table["default"]) == {"win", "cmp"}
     assert any("H100" in gpu for gpu in table["gpus"]), table["gpus"].keys()
 
@@ -139,3 +140,20 @@ def test_backward_only_rules_are_checked_when_training(gpu_like):
     q.requires_grad_()
     route = router.choose("win", "auto", q=q, k=k, v=v, cfg=CFG, settings=s)
     assert route.path == "sdpa" and "FA2-INT32-OFFSET" in route.reason
+
+
+def test_decode_asks_the_router_as_prefill_does():
+    """backend='fa2' on CPU: prefill's sel branch raises FA2Unavailable, and so does decode_step,
+    before the cache changes (it used to run the reference math silently)."""
+    from nsa_ref import NSACache, decode_step, nsa_attention
+
+    cfg = NSAConfig(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=6)
+    q, k, v = _qkv(T=2, hq=4, hkv=2, d=8, dtype=torch.float32)
+    gates = torch.rand(2, 4, 3)
+    with pytest.raises(router.FA2Unavailable, match="FA-2 needs CUDA"):
+        nsa_attention(q, k, v, gates, cfg, backend="fa2")
+    cache = NSACache(batch_size=2)
+    with pytest.raises(router.FA2Unavailable, match="FA-2 needs CUDA"):
+        decode_step(q, k, v, gates, cache, cfg, backend="fa2")
+    assert cache.lengths() == [0, 0]
+    assert decode_step(q, k, v, gates, cache, cfg, backend="sdpa").shape == (2, 4, 8)

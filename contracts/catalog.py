@@ -307,6 +307,20 @@ RULES: dict[str, Rule] = _rules(
         fix="train on an sm80/sm90 GPU, use head dim <= 192 (or dropout_p=0 where the release allows it), or upgrade flash_attn",
     ),
     Rule(
+        id="FA2-INFERENCE-ONLY",
+        title="no backward through a paged KV cache (or torch's seqused_k)",
+        kind="clean-error",
+        applies_to=("varlen",),
+        phase="backward",
+        source="iface FlashAttnVarlenFunc.backward passes no block_table and api mha_varlen_bwd CHECK_SHAPE(k, total_k, "
+               "num_heads_k, head_size) refuses the 4-D paged cache (FA-2's varlen_causal test runs the backward only "
+               "unpaged); torch: _flash_attention_backward takes neither block_table nor seqused_k, and varlen_attn calls "
+               "both 'an inference-only parameter'",
+        symptom="RuntimeError 'k must have shape (total_k, num_heads_k, head_size)' when backward starts (torch: an error, "
+                "or gradients that ignore seqused_k)",
+        fix="run paged / seqused_k calls without autograd (torch.no_grad(), inference), or train on unpaged k/v",
+    ),
+    Rule(
         id="FA2-SOFTMAX-SCALE",
         title="softmax_scale finite and > 0",
         kind="corruption",

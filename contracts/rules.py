@@ -647,6 +647,14 @@ def fa2_arg_unsupported(c: CallFacts) -> str | None:
     return f"{', '.join(bad)} given, but {c.spec.label} has no such argument"
 
 
+def fa2_inference_only(c: CallFacts) -> str | None:
+    torch_seqused = c.seqused_k is not None and c.spec.provider == "torch"
+    if not c.paged and not torch_seqused:
+        return None
+    what = "a paged k/v (block_table)" if c.paged else "seqused_k"
+    return f"backward through {what}: {c.spec.label} has no backward for it"
+
+
 def fa2_bwd_arch(c: CallFacts) -> str | None:
     check, caps = c.spec.bwd_arch_check, c.caps
     if check is None or caps is None or caps.arch in ((8, 0), (9, 0)):
@@ -700,6 +708,7 @@ PREDICATES = {
     "FA2-INT32-OFFSET": (fa2_int32_offset, True),
     "FA2-BWD-GARBAGE-GRADS": (fa2_bwd_garbage_grads, True),
     "FA2-BWD-ARCH": (fa2_bwd_arch, True),
+    "FA2-INFERENCE-ONLY": (fa2_inference_only, True),
     "FA2-VARLEN-GQA-DECODE": (fa2_varlen_gqa_decode, True),
     "FA2-CAUSAL-DROPPED": (fa2_causal_dropped, True),
     "FA2-WINDOW-RIGHT-CLAMPED": (fa2_window_right_clamped, True),

@@ -264,6 +264,13 @@ def _breaking_cases() -> dict[str, list[Case]]:
             Case("varlen", varlen_inputs(d=224), "2.6.0 sm89 d=224 no dropout", {"caps": "sm89", "backward": True,
                                                                                  "provider": "flash_attn==2.6.0"}),
         ],
+        "FA2-INFERENCE-ONLY": [
+            Case("varlen", paged_varlen_inputs(), "paged varlen backward", {"backward": True}, providers=("flash_attn",)),
+            Case("varlen", paged_varlen_inputs(), "paged varlen backward, torch 2.13", {"backward": True,
+                                                                                      "provider": "torch==2.13"}),
+            Case("varlen", _with(var, seqused_k=torch.tensor([3, 11], dtype=I32)), "torch seqused_k backward",
+                 {"backward": True, "provider": "torch"}),
+        ],
         "FA2-SOFTMAX-SCALE": [
             Case("dense", dense, "nan", {"softmax_scale": float("nan")}),
             Case("dense", dense, "negative", {"softmax_scale": -0.125}),
@@ -347,6 +354,9 @@ VALID: list[Case] = [
     Case("varlen", varlen_inputs(lq=(1, 1, 1), lk=(5, 6, 7)), "varlen GQA decode", {"causal": True}),
     Case("varlen", _with(varlen_inputs(), seqused_k=torch.tensor([3, 11], dtype=I32)), "varlen seqused_k"),
     Case("varlen", paged_varlen_inputs(), "varlen paged"),
+    Case("varlen", paged_varlen_inputs(), "varlen paged, forward only", {"backward": False}),
+    Case("varlen", _with(varlen_inputs(), seqused_k=torch.tensor([3, 11], dtype=I32)), "flash_attn seqused_k backward",
+         {"backward": True}, providers=("flash_attn",)),
     Case("varlen", varlen_inputs(device="meta"), "varlen meta"),
     Case("kvcache", kvcache_inputs(), "kvcache decode"),
     Case("kvcache", kvcache_inputs(s_new=1, sq=1), "kvcache append"),

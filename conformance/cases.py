@@ -341,7 +341,8 @@ def config_strategy(caps=None, slot: str = "nsa"):
 
 def case_strategy(max_len: int = 40, varlen: bool = False, caps=None, slot: str = "nsa"):
     """Hypothesis strategy of small ``Case``s (random config, heads, dims, lengths, seed) inside
-    the space ``caps`` declares for ``slot`` (group sizes, head dims, empty sequences)."""
+    the space ``caps`` declares for ``slot`` (group sizes, head dims, empty sequences, and any
+    further rule ``caps.not_supported_reasons`` applies)."""
     from hypothesis import strategies as st
 
     from conformance.capabilities import ANYTHING
@@ -369,4 +370,6 @@ def case_strategy(max_len: int = 40, varlen: bool = False, caps=None, slot: str 
         return Case(lengths=lengths, hq=hkv * G, hkv=hkv, dk=dk, dv=dv,
                     cfg=tuple(sorted(cfg.items())), varlen=varlen, seed=seed)
 
-    return build()
+    # The draws above follow the plain fields; a declaration may say more (a Capabilities subclass
+    # with its own config rules): keep only cases it accepts, so a property never leaves the space.
+    return build().filter(lambda case: not caps.not_supported_reasons(case, slot))

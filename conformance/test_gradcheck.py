@@ -58,23 +58,24 @@ def _case_inputs(case, device, seed=0):
                                       device=device, seed=seed)
 
 
-def _differentiable_or_skip(impl_under_test, slot: str, fn, *inputs):
+def _differentiable_or_skip(impl_under_test, slot: str, fn, *inputs, need_fp64: bool = True):
     """Run once; skip (user impl) or fail (nsa_ref) when fp64 is refused or no graph comes back.
 
-    An implementation that declares a compute precision coarser than fp64 is "not applicable":
-    finite differences at eps = 1e-6 need fp64 arithmetic."""
+    ``need_fp64`` (gradcheck): an implementation that does not take fp64, or declares a compute
+    precision coarser than fp64, is "not applicable": finite differences at eps = 1e-6 need fp64
+    arithmetic. Backward in the dtype under test (``need_fp64=False``) needs neither."""
     user = not impl_under_test.slots[slot].is_reference
     caps = impl_under_test.capabilities(slot)
-    if user and "fp64" not in caps.dtypes:
+    if user and need_fp64 and "fp64" not in caps.dtypes:
         pytest.skip(f"{NOT_APPLICABLE}{slot}: gradcheck needs fp64 inputs; the implementation declares dtypes "
                     f"{', '.join(caps.dtypes)}")
-    if user and caps.judged_dtype("fp64") != "fp64":
+    if user and need_fp64 and caps.judged_dtype("fp64") != "fp64":
         pytest.skip(f"{NOT_APPLICABLE}{slot}: gradcheck needs fp64 arithmetic; the implementation declares it "
                     f"computes in {caps.compute_dtype}")
     try:
         out = fn(*inputs)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
-        if user:
+        if user and need_fp64:
             pytest.skip(f"{slot} implementation under test refused fp64 inputs ({type(exc).__name__}: {exc}); "
                         "gradcheck needs fp64")
         raise
@@ -180,7 +181,7 @@ def test_grads_finite_and_empty_rows_zero(slot, case, impl_under_test, nsa_devic
         args, fn = (q, k, v, cfg, cu), impl_under_test.win
     else:
         args, fn = (q, k, v, gates, cfg, cu), impl_under_test.nsa
-    out = _differentiable_or_skip(impl_under_test, slot, fn, *args)
+    out = _differentiable_or_skip(impl_under_test, slot, fn, *args, need_fp64=False)
     out = out[0] if isinstance(out, tuple) else out
     upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(nsa_device, out.dtype)
     leaves = [q, k, v] + ([gates] if slot == "nsa" else [])

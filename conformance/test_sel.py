@@ -117,28 +117,31 @@ def test_sel_any_block_set(case, sel_impl, impl_under_test, nsa_device, nsa_dtyp
 
 
 @pytest.mark.nsa_rule("NSA-SEL-TIES")
-def test_select_ties_go_to_lower_index(select_impl, impl_under_test, nsa_device, nsa_dtype):
+@pytest.mark.parametrize("b", [4, 32], ids=lambda b: f"tied{b}")
+def test_select_ties_go_to_lower_index(b, select_impl, impl_under_test, nsa_device, nsa_dtype):
     """Blocks 1 and 2 have bitwise-identical compressed keys, hence exactly equal scores, and
     beat block 3; one free pick (block 0 and the two local blocks forced) -> block 1, never 2.
 
-    l = d = l' = 4 makes w(j, i) the identity; q points along the duplicated key. The forced
-    counts are the paper's (1 initial + 2 local), so tied-layout implementations are judged too."""
+    l = d = l' = b makes w(j, i) the identity; q points along the duplicated key. The forced
+    counts are the paper's (1 initial + 2 local), so tied-layout implementations are judged too;
+    b = 32 is a block size the public tied-layout kernels tile."""
     from nsa_ref import NSAConfig
 
-    cfg = NSAConfig(block_len=4, block_stride=4, sel_block=4, n_sel=4, n_init=1, n_local=2, window=4)
+    cfg = NSAConfig(block_len=b, block_stride=b, sel_block=b, n_sel=4, n_init=1, n_local=2, window=4)
     Dk, G = 16, 16
     u = torch.linspace(-1, 1, Dk, dtype=torch.float64)
     # Compressed blocks: 1 and 2 identical (an exact tie), 3 opposite; 4 and 5 only matter as local blocks.
     blocks = [0.3 * u.flip(0), u, u, -u, 0.1 * u, -0.2 * u]
-    # (T, t, expected): t=16 (c=4): forced 0, 3, 4, one free pick among 1, 2; t=19 the same;
-    # t=23 (c=5): forced 0, 4, 5, one free pick among 1, 2, 3 (1 and 2 tie and beat 3).
-    for T, checks in ((17, ((16, [0, 1, 3, 4]),)), (24, ((19, [0, 1, 3, 4]), (23, [0, 1, 4, 5])))):
+    # (T, t, expected): t=4b (c=4): forced 0, 3, 4, one free pick among 1, 2; t=4b+3 the same;
+    # t=6b-1 (c=5): forced 0, 4, 5, one free pick among 1, 2, 3 (1 and 2 tie and beat 3).
+    for T, checks in ((4 * b + 1, ((4 * b, [0, 1, 3, 4]),)),
+                      (6 * b, ((4 * b + 3, [0, 1, 3, 4]), (6 * b - 1, [0, 1, 4, 5])))):
         require(impl_under_test, "select",
                 single(T, G, 1, tuple(sorted(cfg.model_dump(exclude={"compress"}).items())), dk=Dk, dv=Dk))
         q = u.expand(T, G, Dk).clone()  # G query heads along the duplicated key, one KV head
         k_cmp = torch.stack(blocks[: cfg.num_cmp_blocks(T)]).unsqueeze(1)  # (Tc, Hkv=1, Dk)
         idx = select_impl(q.to(nsa_device, nsa_dtype), k_cmp.to(nsa_device, nsa_dtype), cfg, None).cpu()
-        where = f"tie case (l=d=l'=4, n_sel=4, n_init=1, n_local=2, T={T})"
+        where = f"tie case (l=d=l'={b}, n_sel=4, n_init=1, n_local=2, T={T})"
         for t, want in checks:
             got = sorted(j for j in idx[t, 0].tolist() if j >= 0)
             if got != want:

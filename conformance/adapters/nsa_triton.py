@@ -104,11 +104,14 @@ class XunhaoCapabilities(Capabilities):
     ``block_len_sizes``  allowed l (the compress kernels assert kernel_size in {16, 32, 64, 128})
     ``sel_block_sizes``  allowed l' (topk_sparse_attention asserts block_size in {32, ..., 256})
     ``sel_multiple_of_block_len``  l' % l == 0 (the torch reference compressed_attention asserts it)
+    ``more_tokens_than_blocks``  the Triton compressed_attention asserts q_len > k_len (T > Tc),
+                                 which l = d = 1 (Tc = T) breaks
     """
 
     block_len_sizes: tuple[int, ...] | None = None
     sel_block_sizes: tuple[int, ...] | None = None
     sel_multiple_of_block_len: bool = False
+    more_tokens_than_blocks: bool = False
 
     def config_reasons(self, cfg: Any, slot: str = "nsa") -> list[str]:
         reasons = super().config_reasons(cfg, slot)
@@ -123,12 +126,16 @@ class XunhaoCapabilities(Capabilities):
                 and l and lp % l):
             reasons.append(f"sel_block={lp} is not a multiple of block_len={l} "
                            "(the library's torch compressed_attention asserts it)")
+        d = values.get("block_stride")
+        if self.more_tokens_than_blocks and "block_len" in used and l == 1 and d == 1:
+            reasons.append("block_len=block_stride=1 gives as many compressed blocks as tokens; the library's "
+                           "compressed_attention asserts q_len > k_len")
         return reasons
 
     def summary(self) -> list[str]:
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(Capabilities)}
         out = Capabilities(**base).summary()
-        for name in ("block_len_sizes", "sel_block_sizes", "sel_multiple_of_block_len"):
+        for name in ("block_len_sizes", "sel_block_sizes", "sel_multiple_of_block_len", "more_tokens_than_blocks"):
             value = getattr(self, name)
             if value not in (None, False):
                 out.append(f"{name}={value!r}")
@@ -199,20 +206,20 @@ def _caps_for(slot: str, device: Any) -> Capabilities:
         note = (f"avgpool_compress ({src}); fp16/bf16 only, kernel_size in {list(COMPRESS_KERNEL_SIZES)}; "
                 "block_sizes also restricts d (the library takes any d dividing l)")
     elif slot == "cmp":
-        kw.update(backward=True, lse=cuda)
+        kw.update(backward=True, lse=cuda, more_tokens_than_blocks=cuda)
         note = (f"compressed attention ({src}); " + ("lse from CompressedAttention (log2 -> ln); " if cuda else
                 "the torch reference returns no lse and takes its softmax in fp32; ") +
                 ("q/k/v zero-padded to one head dim >= 16 (exact)" if cuda else "any Dk/Dv"))
     elif slot == "select":
-        kw.update(backward=False)
+        kw.update(backward=False, more_tokens_than_blocks=cuda)
         if not cuda:
             kw.update(block_sizes=_POW2, sel_multiple_of_block_len=True)
         note = (f"top-k of compressed_attention ({src}); torch.topk decides ties; "
                 + ("" if cuda else "block_sizes: powers of two (l' % l == 0 is asserted by the torch reference)"))
     elif slot == "sel":
         kw.update(backward=True)
-        if cuda:
-            kw.update(sel_block_sizes=SEL_BLOCK_SIZES)
+        if cuda:  # for sel, block_sizes constrains l' only (the one block field sel uses)
+            kw.update(sel_block_sizes=SEL_BLOCK_SIZES, block_sizes=SEL_BLOCK_SIZES)
         note = f"topk_sparse_attention ({src})" + (f"; block_size (l') in {list(SEL_BLOCK_SIZES)}" if cuda else "")
     elif slot == "win":
         fa = _flash_attn_varlen() if cuda else None

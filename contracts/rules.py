@@ -232,12 +232,19 @@ def _index_shapes_ok(c: CallFacts) -> bool:
             and (not isinstance(cu_k, Tensor) or cu_k.shape == cu_q.shape)
             and (used is None or not isinstance(used, Tensor) or used.shape == (b,))
         )
-    if isinstance(c.cache_seqlens, int) and c.ks[0] != b:
+    shape = (b,)
+    lengths = c.cache_seqlens
+    if lengths.__class__ is int:
+        if c.ks[0] != b:
+            return False
+    elif isinstance(lengths, Tensor) and lengths.shape != shape:
         return False
-    return all(
-        not isinstance(t, Tensor) or t.shape == (b,)
-        for t in (c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad)
-    )
+    # Explicit tests, no generator: this runs on every kvcache call.
+    t = c.cache_batch_idx
+    if t is not None and isinstance(t, Tensor) and t.shape != shape:
+        return False
+    t = c.cache_leftpad
+    return t is None or not isinstance(t, Tensor) or t.shape == shape
 
 
 def fa2_index_shape(c: CallFacts) -> str | None:
@@ -270,9 +277,12 @@ def fa2_last_dim_stride(c: CallFacts) -> str | None:
         named = ((c.k_name, c.k), (c.v_name, c.v))
     else:
         named = (("q", c.q), (c.k_name, c.k), (c.v_name, c.v), ("k", c.k_new), ("v", c.v_new))
-    bad = [f"{name}.stride() is {t.stride()}" for name, t in named if t is not None and t.stride(-1) != 1]
-    if not bad:
+    for _, t in named:
+        if t is not None and t.stride()[-1] != 1:
+            break
+    else:
         return None
+    bad = [f"{name}.stride() is {t.stride()}" for name, t in named if t is not None and t.stride()[-1] != 1]
     return "; ".join(bad) + f"; {c.spec.label} needs stride(-1) == 1"
 
 

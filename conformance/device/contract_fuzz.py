@@ -2,6 +2,7 @@
 
     python conformance/device/contract_fuzz.py --calls 12000 --out "$OUT/contract_fuzz"   # one H200: < 8 min
     python conformance/device/contract_fuzz.py --dry-run --calls 120 --out /tmp/cf         # CPU: the plumbing
+    bash conformance/device/gpu_run.sh contract_fuzz       # the lent GPUs (wheels from .device-wheels/)
 
 Calls, drawn from a seeded ``random.Random`` (no hypothesis): flash_attn's seven entry points
 (``flash_attn_func``, ``_varlen_func``, ``_qkvpacked_func``, ``_kvpacked_func``,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
 # GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
-#   usage: bash conformance/device/gpu_run.sh [pytest|bench|all|probes|fuzz] [extra bench args...]
+#   usage: bash conformance/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz] [extra bench args...]
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/nsa_out}; mkdir -p "$OUT"
@@ -29,4 +29,10 @@ if [ "$what" = probes ]; then
 fi
 if [ "$what" = fuzz ]; then
   timeout "${FUZZ_TIMEOUT:-330}" python3 -m conformance.fuzz --profile device --out "$OUT/fuzz" 2>&1 | tee "$OUT/fuzz.log" | tail -30
+fi
+if [ "$what" = contract_fuzz ]; then
+  # Every entry point of both providers, >= 10,000 calls; kernels stop at --budget, outputs are written after.
+  timeout "${CONTRACT_FUZZ_TIMEOUT:-500}" python3 conformance/device/contract_fuzz.py \
+    --calls "${CONTRACT_FUZZ_CALLS:-12000}" --workers "${CONTRACT_FUZZ_WORKERS:-4}" --budget "${CONTRACT_FUZZ_BUDGET:-360}" \
+    --out "$OUT/contract_fuzz" 2>&1 | tee "$OUT/contract_fuzz.log" | tail -40
 fi

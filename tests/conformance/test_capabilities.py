@@ -156,3 +156,30 @@ def test_fp32_internal_precision_fails_at_fp64_and_passes_when_declared(tmp_path
     fair = _run_suite(tmp_path, *args, "--nsa-compute-dtype=fp32")
     assert fair.returncode == 0, fair.stdout[-2000:]
     assert "1 applicable (1 passed, 0 failed)" in fair.stdout, fair.stdout[-1500:]
+
+
+def test_case_strategy_keeps_to_rules_only_a_subclass_knows():
+    """Hypothesis draws follow the plain fields; a subclass's own config rule filters the rest."""
+    from dataclasses import dataclass
+
+    from hypothesis import given, settings
+
+    from conformance.cases import case_strategy
+
+    @dataclass(frozen=True)
+    class NoStrideOne(Capabilities):
+        def config_reasons(self, cfg, slot="nsa"):
+            out = super().config_reasons(cfg, slot)
+            return out + (["block_stride=1 refused"] if cfg["block_stride"] == 1 else [])
+
+    caps = NoStrideOne()
+    seen = []
+
+    @settings(max_examples=40, derandomize=True, database=None, deadline=None)
+    @given(case=case_strategy(max_len=20, caps=caps, slot="cmp"))
+    def draw(case):
+        seen.append(case.cfg_fields()["block_stride"])
+        assert caps.not_supported_reasons(case, "cmp") == []
+
+    draw()
+    assert seen and 1 not in seen and {2, 4} & set(seen)

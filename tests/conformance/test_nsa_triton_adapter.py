@@ -181,6 +181,14 @@ def test_block_size_rules_per_field(stub_package, monkeypatch):
     select_cpu = X.select_blocks.capabilities("cpu")
     assert select_cpu.config_reasons(paper, "select") == []
     assert any("not a multiple" in r for r in select_cpu.config_reasons(dict(paper, sel_block=16), "select"))
+    # the Triton compressed_attention asserts q_len > k_len: l = d = 1 is declared out (CUDA only)
+    one = dict(paper, block_len=1, block_stride=1, sel_block=32)
+    for fn in (X.cmp_attention, X.select_blocks):
+        assert any("q_len > k_len" in r for r in fn.capabilities("cuda").config_reasons(one, "cmp"))
+        assert fn.capabilities("cuda").config_reasons(dict(one, block_stride=2, block_len=2), "cmp") == []
+    assert not any("q_len" in r for r in X.cmp_attention.capabilities("cpu").config_reasons(one, "cmp"))
+    # on CUDA, sel's block_sizes constrain l' to the top-k kernel sizes (hypothesis draws from them)
+    assert sel_cuda.block_sizes == X.SEL_BLOCK_SIZES
 
 
 def test_capabilities_subclass_works_with_the_suite(stub_package):

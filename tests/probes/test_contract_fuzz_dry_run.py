@@ -107,3 +107,39 @@ def test_dry_run_writes_csv_json_and_ends_with_the_table(tmp_path, capsys):
     rows = (tmp_path / "calls.csv").read_text().splitlines()
     assert len(rows) == 28 and rows[0].startswith("id,provider,entry")
     assert "FA-2 contract differential fuzzing" in (tmp_path / "summary.md").read_text()
+
+
+def test_reference_agrees_with_the_probes_reference():
+    """Without softcap / ALiBi the fuzzer's reference is the probes' one (dense, varlen, kvcache)."""
+    from conformance.probes import _common as C
+
+    rng = random.Random(11)
+    checked = {"dense": 0, "varlen": 0, "kvcache": 0}
+    for i in range(60):
+        entry = ("dense", "varlen", "kvcache")[i % 3]
+        s = CF.draw(rng, i, "flash_attn", entry, p_mutate=0.0)
+        s.softcap, s.alibi, s.rotary_dim, s.leftpad = 0.0, False, 0, None
+        _, _, p = CF.build(s, "cpu", fill=True)
+        got = CF.reference(s, p, torch.float64)
+        scale = s.scale if s.scale is not None else s.d ** -0.5
+        if entry == "dense":
+            want = C.reference_dense(p["q"], p["k"], p["v"], causal=s.causal, window=tuple(s.window), scale=scale)
+        elif entry == "varlen":
+            want = C.reference_varlen(p["q"], p["k"], p["v"], p["cu_q"], p["cu_k"], causal=s.causal,
+                                      window=tuple(s.window), scale=scale)
+        else:
+            rows = []
+            for b in range(s.b):
+                kc = torch.cat([p["k_cache"][g] for g in p["table"][b]]) if s.page else p["k_cache"][b]
+                vc = torch.cat([p["v_cache"][g] for g in p["table"][b]]) if s.page else p["v_cache"][b]
+                n = s.cache_lens[b]
+                if s.s_new:
+                    kc, vc = kc.clone(), vc.clone()
+                    kc[n:n + s.s_new], vc[n:n + s.s_new] = p["k_new"][b], p["v_new"][b]
+                    n += s.s_new
+                rows.append(C.reference_dense(p["q"][b:b + 1], kc[None, :n], vc[None, :n], causal=s.causal,
+                                              window=tuple(s.window), scale=scale)[0])
+            want = torch.stack(rows)
+        assert torch.allclose(got, want, atol=1e-9), s.label()
+        checked[entry] += 1
+    assert min(checked.values()) == 20

@@ -27,6 +27,7 @@ summary counts applicable / passed / failed / not applicable, and per rule (``ns
 from __future__ import annotations
 
 import contextlib
+import traceback
 
 import pytest
 
@@ -234,6 +235,45 @@ def _outcome(report) -> tuple[str, str]:
     if report.failed:
         return "failed", str(report.longrepr)
     return "passed", ""
+
+
+def _names_a_rule(exc: BaseException) -> bool:
+    """The failure text already quotes a rule id (an exception group: every member does)."""
+    from conformance.nsa_rules import ids_in
+
+    members = getattr(exc, "exceptions", None)
+    if members:
+        return all(_names_a_rule(e) for e in members)
+    return bool(ids_in(str(exc)))
+
+
+def rule_named_error(exc: Exception, rule_ids: list[str]) -> AssertionError:
+    """An exception that names no rule (the implementation raised, e.g. a bare ``assert`` inside
+    it) as an AssertionError that starts with the test's rules and says where it was raised."""
+    from conformance.nsa_rules import tag
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+    return AssertionError(f"{' / '.join(tag(r) for r in rule_ids)}: the test raised "
+                          f"{type(exc).__name__}: {text}{where}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Every failure of a rule-marked test that calls an implementation slot names its rules: an
+    exception that does not (the implementation raised, a bare assert inside it) is re-raised as
+    an AssertionError starting with the test's rule tags, the original chained below it."""
+    outcome = yield
+    exc = outcome.excinfo[1] if outcome.excinfo else None
+    if not isinstance(exc, Exception) or not hasattr(outcome, "force_exception"):
+        return  # passed, or a pytest outcome (skip / xfail), or a pluggy without force_exception
+    rule_ids = item_rules(item)
+    if not rule_ids or not item_slots(item) or _names_a_rule(exc):
+        return
+    new = rule_named_error(exc, rule_ids)
+    new.__cause__ = exc
+    outcome.force_exception(new)
 
 
 @pytest.hookimpl(hookwrapper=True)

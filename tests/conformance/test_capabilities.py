@@ -183,3 +183,19 @@ def test_case_strategy_keeps_to_rules_only_a_subclass_knows():
 
     draw()
     assert seen and 1 not in seen and {2, 4} & set(seen)
+
+
+def test_an_exception_from_the_implementation_names_the_rules(tmp_path):
+    """An implementation that raises (here a bare assert, as a Triton wrapper does) fails with a
+    message that starts with the test's rule tags and says where it was raised."""
+    (tmp_path / "asserting_win.py").write_text(textwrap.dedent("""
+        def win(q, k, v, cfg, cu_seqlens=None):
+            assert q.shape[0] > 1000
+    """))
+    run = _run_suite(tmp_path, "conformance/test_win.py", "--nsa-win-impl=asserting_win:win", "-q",
+                     "-k", "tied32 and 257")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out[-2000:]
+    assert "AssertionError: [NSA-WIN] sliding window" in out and "the test raised AssertionError" in out, out[-3000:]
+    assert "asserting_win.py:3" in out, out[-3000:]
+    assert "1 applicable (0 passed, 1 failed)" in out, out[-1500:]

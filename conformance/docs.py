@@ -320,7 +320,13 @@ read `NSA_CONFORMANCE_*` variables, see `conformance/impl.py`):
 | `--nsa-capabilities=pkg.mod:OBJ` | a `Capabilities` object for every slot you give (wins over the callable's own). |
 | `--nsa-cap KEY=VALUE` | one capability field, repeatable: `--nsa-cap tied_blocks=true --nsa-cap backward=false`. |
 | `--nsa-backend=NAME` | the `nsa_ref` backend behind the slots you do not give (default `auto`). |
-| `--nsa-report=DIR` | write the per-rule report, `DIR/report.md` and `DIR/report.json`: each rule passed / failed / not applicable / not tested, the first failure of each failed rule with a command that reproduces it. |
+| `--nsa-report=DIR` | write the per-rule report, `DIR/report.md` and `DIR/report.json`: each rule passed / failed / not applicable / not tested, the first failure of each failed rule with a command that reproduces it, and the applicable share of each test function's cases. Reports of several runs merge: `python -m conformance.rule_report merge OUT DIR...`. |
+| `--nsa-known-deviations=FILE` | reviewed differences (YAML: rule, why, upstream, test ids with `*`) become strict xfails: a listed test must still fail with its rule, and fails the day it passes. |
+
+Every failure starts with the id of the rule it breaks (`[NSA-WIN] ...`). When your code raises
+instead (an `assert` inside a kernel wrapper, a crash), the failure still starts with the test's
+rule ids and says where it was raised: `[NSA-VARLEN] ...: the test raised AssertionError: (no
+message) (raised at your_pkg/kernel.py:558)`.
 
 `nsa-fa2 check --impl your_pkg.module:nsa_attention` runs the same suite in a subprocess (plus the
 `-m gpu` part on a CUDA machine) and writes `artifacts/<date>/check/check_report.md` with the

@@ -170,7 +170,9 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float64, device: torch.de
     gates = torch.rand(T, case.hq, 3, generator=gen, dtype=torch.float64)
     cu = None
     if case.varlen:
-        cu = torch.tensor([0, *torch.tensor(case.lengths).cumsum(0).tolist()], dtype=torch.int32)
+        from nsa_ref.packing import cu_seqlens_from_lengths
+
+        cu = cu_seqlens_from_lengths(case.lengths)
     return Inputs(q, k, v, gates, cu).to(dtype, device)
 
 

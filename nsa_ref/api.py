@@ -14,7 +14,7 @@ from nsa_ref.compress import compress as _mean_compress
 from nsa_ref.config import NSAConfig
 from nsa_ref.inputs import (
     check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_lse, check_tensor,
-    check_tokens,
+    check_tokens, check_validate,
 )
 from nsa_ref.settings import NSASettings, current_settings
 
@@ -74,7 +74,7 @@ def cmp_attention(
     """
     check_cfg(cfg)
     check_heads(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
-    check_cu(cu_seqlens, q)
+    cu_seqlens = check_cu(cu_seqlens, q)
     check_cmp_len(q, k_cmp, cfg, cu_seqlens)
     if return_probs and return_lse:
         raise ValueError("cmp_attention returns probs or lse, not both: pass one of return_probs / return_lse")
@@ -93,6 +93,7 @@ def select_blocks(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     lse: torch.Tensor | None = None,
+    validate: str = "values",
 ) -> torch.Tensor:
     """q: (T, Hq, Dk), k_cmp: (Tc_total, Hkv, Dk) -> block_idx (T, Hkv, n_sel) int32.
 
@@ -104,14 +105,15 @@ def select_blocks(
     ``backend``: "triton" (fused scoring + top-n kernels), "auto" (Triton where it can run, else
     torch), anything else the chunked torch scoring. ``lse`` (T, Hq): the cmp branch's
     log-sum-exp (e.g. ``cmp_attention(..., return_lse=True)``), reused by the Triton kernels
-    instead of being recomputed; the torch path ignores it.
+    instead of being recomputed; the torch path ignores it. ``validate="shapes"`` skips the
+    lse value check (one device sync; see ``nsa_ref.inputs``).
     """
     check_cfg(cfg)
     check_heads(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
-    check_cu(cu_seqlens, q)
+    cu_seqlens = check_cu(cu_seqlens, q)
     check_cmp_len(q, k_cmp, cfg, cu_seqlens)
     if lse is not None:
-        check_lse(lse, q, cfg, cu_seqlens)
+        check_lse(lse, q, cfg, cu_seqlens, check_validate(validate))
     return _select(q, k_cmp, cfg, cu_seqlens, backend, lse)
 
 
@@ -127,16 +129,18 @@ def sel_attention(
     cfg: NSAConfig,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    validate: str = "values",
 ) -> torch.Tensor:
     """q: (T, Hq, Dk), k: (T, Hkv, Dk), v: (T, Hkv, Dv), block_idx: (T, Hkv, n_sel) -> (T, Hq, Dv).
 
     Query t (head h, KV head h // G) attends tokens s of the blocks listed in block_idx[t, h // G]
     with s <= t; -1 entries are ignored, a repeated block counts once, nothing listed gives 0.
+    ``validate="shapes"`` skips the block_idx range check (one device sync; see ``nsa_ref.inputs``).
     """
     check_cfg(cfg)
     check_heads(q, k, v)
-    check_tokens(q, k, cu_seqlens)
-    check_block_idx(block_idx, q, k, cfg, cu_seqlens)
+    cu_seqlens = check_tokens(q, k, cu_seqlens)
+    check_block_idx(block_idx, q, k, cfg, cu_seqlens, check_validate(validate))
     return _route_call("sel", backend, q, k, v, cfg, cu_seqlens, (q, k, v, block_idx, cfg))
 
 
@@ -154,7 +158,7 @@ def win_attention(
     """
     check_cfg(cfg)
     check_heads(q, k, v)
-    check_tokens(q, k, cu_seqlens)
+    cu_seqlens = check_tokens(q, k, cu_seqlens)
     return _route_call("win", backend, q, k, v, cfg, cu_seqlens, (q, k, v, cfg))
 
 
@@ -167,6 +171,9 @@ def nsa_attention(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     *,
+    cu_seqlens_cpu=None,
+    max_seqlen: int | None = None,
+    validate: str = "values",
     settings: NSASettings | None = None,
 ) -> torch.Tensor:
     """q: (T, Hq, Dk), k: (T, Hkv, Dk), v: (T, Hkv, Dv), gates: (T, Hq, 3) -> (T, Hq, Dv).
@@ -176,6 +183,12 @@ def nsa_attention(
     "mean": the "mlp" phi has weights (use ``NSAAttention``). ``backend`` goes to the router
     for each branch and for the selection as given (the cmp branch's log-sum-exp is handed to
     the Triton selection; backend="triton" runs Triton where it has kernels, "auto" elsewhere).
+    ``cu_seqlens_cpu`` (a host copy of cu_seqlens: list or CPU tensor) and ``max_seqlen`` (the
+    longest sequence) are host metadata the caller may already have, as FA-2 and FLA take them:
+    with ``cu_seqlens_cpu`` the call reads nothing of cu_seqlens from the device (it is trusted to
+    equal cu_seqlens); otherwise cu_seqlens is read once (one device sync) and every branch uses
+    that copy. ``validate``: "values" (default; gates checked in [0, 1], one device sync) or
+    "shapes" (no device read: CUDA graphs, torch.compile(fullgraph=True)); see ``nsa_ref.inputs``.
     ``settings``: the NSA_* flags for this call (e.g. a pinned FA-2 provider); None reads them
     from the environment.
     """
@@ -186,8 +199,8 @@ def nsa_attention(
             "use NSAAttention for 'mlp' (or compress yourself and call the branch functions)"
         )
     check_heads(q, k, v)
-    check_tokens(q, k, cu_seqlens)
-    check_gates(gates, q)
+    cu_seqlens = check_tokens(q, k, cu_seqlens, cu_seqlens_cpu, max_seqlen)  # the call's one Packing
+    check_gates(gates, q, check_validate(validate))
     k_cmp, _ = _mean_compress(k, cfg, cu_seqlens)
     v_cmp, _ = _mean_compress(v, cfg, cu_seqlens)
     o_cmp, lse = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg), settings)

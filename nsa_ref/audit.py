@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from nsa_ref import masks, sdpa, telemetry
+from nsa_ref.packing import as_packing
 
 
 def _prefix_rows(cu_seqlens, T: int, rows: int) -> int:
-    first = T if cu_seqlens is None else int(cu_seqlens[1]) if cu_seqlens.numel() > 1 else 0
+    bounds = as_packing(cu_seqlens, T).bounds  # the call's packing: no second host read
+    first = bounds[0][1] if bounds else 0
     return min(rows, first)
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from nsa_ref import varlen
+from nsa_ref.packing import Packing
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -45,9 +46,9 @@ def compress(
         )
     if x.dim() != 3:
         raise ValueError(f"compress expects x: (T, H, D), got shape={tuple(x.shape)}")
-    varlen.check_cu_seqlens(cu_seqlens, x.shape[0])
-    cu_cmp = varlen.cmp_cu_seqlens(cu_seqlens, x.shape[0], cfg, device=x.device)
-    return mean_phi(gather_cmp_blocks(x, cfg, cu_seqlens)), cu_cmp
+    packing = Packing.of(cu_seqlens, x.shape[0])  # validated once (a Packing: already was)
+    cu_cmp = packing.cmp_cu_seqlens(cfg, device=x.device)
+    return mean_phi(gather_cmp_blocks(x, cfg, packing)), cu_cmp
 
 
 class MLPCompressor(nn.Module):

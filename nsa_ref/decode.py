@@ -26,6 +26,7 @@ from nsa_ref.api import combine_branches
 from nsa_ref.compress import gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
 from nsa_ref.inputs import check_cfg, check_gates, check_heads
+from nsa_ref.packing import Packing
 
 #: phi: blocks (Nb, l, H, D) -> (Nb, H, D_out); ``mean_phi`` or an ``MLPCompressor``.
 Phi = Callable[[torch.Tensor], torch.Tensor]
@@ -84,7 +85,8 @@ class NSACache:
         cu_seqlens_cmp: torch.Tensor | None = None,
     ) -> None:
         """k: (T, Hkv, Dk), v: (T, Hkv, Dv), k_cmp: (Tc_total, Hkv, Dk), v_cmp: (Tc_total, Hkv, Dv)
-        packed by cu_seqlens / cu_seqlens_cmp (None = one sequence) -> fills an empty cache."""
+        packed by cu_seqlens / cu_seqlens_cmp (tensors, Packings, or None = one sequence) -> fills
+        an empty cache."""
         if not self.is_empty:
             raise ValueError(
                 f"prefill needs an empty cache, this one already holds {self.batch_size} sequence(s) "
@@ -108,7 +110,8 @@ class NSACache:
     ) -> "NSACache":
         """k: (T, Hkv, Dk), v: (T, Hkv, Dv) -> a cache holding them and their compressed blocks."""
         cache = cls()
-        cu_cmp = varlen.cmp_cu_seqlens(cu_seqlens, k.shape[0], cfg, device=k.device)
+        cu_seqlens = Packing.of(cu_seqlens, k.shape[0])
+        cu_cmp = cu_seqlens.cmp_packing(cfg, device=k.device)
         cache.prefill(
             k, v, phi_k(gather_cmp_blocks(k, cfg, cu_seqlens)), phi_v(gather_cmp_blocks(v, cfg, cu_seqlens)),
             cu_seqlens, cu_cmp,
@@ -161,7 +164,7 @@ def _decode_one(q: torch.Tensor, seq: SequenceCache, t: int, cfg: NSAConfig, use
             p_cmp = selection.cmp_block_probs(q, k_cmp, pos, cfg)
             scores = selection.block_scores(p_cmp, Hkv, masks.num_sel_blocks(t + 1, cfg), cfg)
             block_idx = selection.top_blocks(scores, pos, cfg)
-        o_sel, _ = reference.attend(q, seq.k, seq.v, masks.sel_visible_mask(pos, k_pos, block_idx, cfg), scale)
+        o_sel, _ = reference.attend(q, seq.k, seq.v, masks.sel_visible_mask(pos, k_pos, block_idx, cfg, cfg.num_sel_blocks(t + 1)), scale)
 
     lo = max(0, t - cfg.window + 1)
     o_win, _ = reference.attend(

@@ -1,7 +1,15 @@
 """Input checks of the public NSA API: each raises ValueError quoting the offending values.
 
 Shared by ``nsa_ref.api`` (prefill) and ``nsa_ref.decode`` (one-token steps), so both refuse the
-same bad inputs with the same messages before any state changes.
+same bad inputs with the same messages before any state changes. cu_seqlens is checked once, by
+building the call's ``Packing`` (``check_cu``); the later checks read that packing.
+
+``validate`` levels of the value checks that need the device (gates in [0, 1], block_idx in
+range, lse finite): "values" (the default: each costs one device sync and raises ValueError
+quoting the bad value; inside a graph torch.compile traces, the gates check becomes one fused
+device-side assert instead, no sync and no graph break) or "shapes" (shapes, dtypes and devices
+only: no device read, for CUDA graphs and sync-free fast paths; out-of-range values are then the
+caller's responsibility).
 """
 from __future__ import annotations
 
@@ -9,6 +17,9 @@ import torch
 
 from nsa_ref import masks, varlen
 from nsa_ref.config import NSAConfig
+from nsa_ref.packing import Packing
+
+VALIDATE_LEVELS = ("values", "shapes")
 
 
 def check_cfg(cfg) -> None:
@@ -46,20 +57,30 @@ def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str =
         raise ValueError(f"head dims must be >= 1, got Dk={q.shape[2]}, Dv={v.shape[2]}")
 
 
-def check_tokens(q: torch.Tensor, k: torch.Tensor, cu_seqlens) -> None:
+def check_validate(validate: str) -> bool:
+    """-> whether the device value checks run."""
+    if validate not in VALIDATE_LEVELS:
+        raise ValueError(f"validate must be one of {', '.join(VALIDATE_LEVELS)}, got {validate!r}")
+    return validate == "values"
+
+
+def check_tokens(q: torch.Tensor, k: torch.Tensor, cu_seqlens, cu_seqlens_cpu=None,
+                 max_seqlen: int | None = None) -> Packing:
+    """q and k agree on T; -> the call's validated packing (see ``check_cu``)."""
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k need the same number of tokens T, got {q.shape[0]} != {k.shape[0]}")
-    check_cu(cu_seqlens, q)
+    return check_cu(cu_seqlens, q, cu_seqlens_cpu, max_seqlen)
 
 
-def check_cu(cu_seqlens, q: torch.Tensor) -> None:
-    varlen.check_cu_seqlens(cu_seqlens, q.shape[0])
-    if cu_seqlens is not None and cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens must be on q's device, got {cu_seqlens.device} vs {q.device}")
+def check_cu(cu_seqlens, q: torch.Tensor, cu_seqlens_cpu=None, max_seqlen: int | None = None) -> Packing:
+    """cu_seqlens (B+1,) int32 on q's device (or a Packing, or None) -> the call's Packing, its
+    values validated on one host copy (``cu_seqlens_cpu`` when given: then no device read)."""
+    return Packing.of(cu_seqlens, q.shape[0], cu_seqlens_cpu=cu_seqlens_cpu, max_seqlen=max_seqlen,
+                      device=q.device)
 
 
 def check_cmp_len(q: torch.Tensor, k_cmp: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
-    expected = sum(varlen.cmp_seqlens(cu_seqlens, q.shape[0], cfg))
+    expected = varlen.as_packing(cu_seqlens, q.shape[0]).cmp_offsets(cfg)[-1]
     if k_cmp.shape[0] != expected:
         raise ValueError(
             f"k_cmp must hold the compressed blocks of every sequence packed (Tc_total={expected} for "
@@ -67,7 +88,8 @@ def check_cmp_len(q: torch.Tensor, k_cmp: torch.Tensor, cfg: NSAConfig, cu_seqle
         )
 
 
-def check_gates(gates, q: torch.Tensor) -> None:
+def check_gates(gates, q: torch.Tensor, values: bool = True) -> None:
+    """gates: (T, Hq, 3) floating on q's device; with ``values`` also in [0, 1] (one device sync)."""
     check_tensor("gates", gates, 3)
     expected = (q.shape[0], q.shape[1], 3)
     if tuple(gates.shape) != expected:
@@ -76,7 +98,13 @@ def check_gates(gates, q: torch.Tensor) -> None:
         raise ValueError(f"gates must be on q's device, got {gates.device} vs {q.device}")
     if not gates.is_floating_point():
         raise ValueError(f"gates must be floating, got dtype={gates.dtype}")
+    if not values:
+        return
     inside = (gates >= 0) & (gates <= 1)
+    if torch.compiler.is_compiling():
+        # Inside a traced graph: one fused device-side assert (no sync, no graph break).
+        torch._assert_async(inside.all(), "[nsa_ref] gates must lie in [0, 1] (e.g. a sigmoid)")
+        return
     if not bool(inside.all()):
         bad = gates[~inside]
         raise ValueError(
@@ -85,7 +113,10 @@ def check_gates(gates, q: torch.Tensor) -> None:
         )
 
 
-def check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
+def check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig, cu_seqlens,
+                    values: bool = True) -> None:
+    """block_idx: (T, Hkv, n_sel) int32/int64 on q's device; with ``values`` also -1 or a block of
+    the token's sequence (one device sync)."""
     check_tensor("block_idx", block_idx, 3)
     expected = (q.shape[0], k.shape[1], cfg.n_sel)
     if tuple(block_idx.shape) != expected:
@@ -94,7 +125,7 @@ def check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig,
         raise ValueError(f"block_idx must be on q's device, got {block_idx.device} vs {q.device}")
     if block_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_idx must be int32 (int64 accepted), got dtype={block_idx.dtype}")
-    if block_idx.numel() == 0:
+    if block_idx.numel() == 0 or not values:
         return
     nb = torch.empty(q.shape[0], dtype=torch.long, device=block_idx.device)
     for a, b in varlen.seq_bounds(cu_seqlens, q.shape[0]):
@@ -108,9 +139,10 @@ def check_block_idx(block_idx, q: torch.Tensor, k: torch.Tensor, cfg: NSAConfig,
         )
 
 
-def check_lse(lse, q: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
-    """lse: (T, Hq) floating, on q's device, no NaN and no +inf; -inf only on rows that see no
-    compressed block (t < l - 1): elsewhere it would make every probability infinite."""
+def check_lse(lse, q: torch.Tensor, cfg: NSAConfig, cu_seqlens, values: bool = True) -> None:
+    """lse: (T, Hq) floating, on q's device; with ``values`` also no NaN and no +inf, and -inf
+    only on rows that see no compressed block (t < l - 1): elsewhere it would make every
+    probability infinite (one device sync)."""
     check_tensor("lse", lse, 2)
     if tuple(lse.shape) != tuple(q.shape[:2]):
         raise ValueError(f"lse must be (T, Hq) = {tuple(q.shape[:2])}, got {tuple(lse.shape)}")
@@ -118,6 +150,8 @@ def check_lse(lse, q: torch.Tensor, cfg: NSAConfig, cu_seqlens) -> None:
         raise ValueError(f"lse must be on q's device, got {lse.device} vs {q.device}")
     if not lse.is_floating_point():
         raise ValueError(f"lse must be floating (natural log-sum-exp), got dtype={lse.dtype}")
+    if not values:
+        return
     pos, _ = varlen.token_positions(cu_seqlens, q.shape[0], lse.device)
     sees_blocks = masks.num_visible_cmp_blocks(pos, cfg) > 0
     bad = torch.isnan(lse) | (lse == float("inf"))

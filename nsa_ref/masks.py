@@ -125,14 +125,18 @@ def unique_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 
 
 def sel_visible_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, block_idx: torch.Tensor, cfg: "NSAConfig"
+    q_pos: torch.Tensor, k_pos: torch.Tensor, block_idx: torch.Tensor, cfg: "NSAConfig",
+    num_blocks: int | None = None,
 ) -> torch.Tensor:
     """q_pos: (L,), k_pos: (S,) int, block_idx: (L, Hkv, n) -> (Hkv, L, S) bool.
 
     Query t (KV head h) sees token s iff s's selection block is in block_idx[t, h] and s <= t.
+    ``num_blocks``: selection blocks covering k_pos (k_pos = 0..S-1: ``cfg.num_sel_blocks(S)``);
+    None reads max(k_pos) from the device.
     """
     k_block = sel_block_of_token(k_pos, cfg)
-    num_blocks = int(k_block.max().item()) + 1 if k_pos.numel() else 0
+    if num_blocks is None:
+        num_blocks = int(k_block.max().item()) + 1 if k_pos.numel() else 0
     member = selected_block_mask(block_idx, num_blocks)  # (L, Hkv, nb)
     in_selected = member[:, :, k_block].permute(1, 0, 2)  # (Hkv, L, S)
     return in_selected & causal_visible(q_pos[None, :, None], k_pos[None, None, :])

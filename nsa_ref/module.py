@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nsa_ref import api, varlen
+from nsa_ref import api
 from nsa_ref.compress import MLPCompressor, gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
 from nsa_ref.decode import NSACache, decode_step
+from nsa_ref.packing import Packing
 
 
 class NSAAttention(nn.Module):
@@ -76,13 +77,15 @@ class NSAAttention(nn.Module):
             if cu_seqlens is not None:
                 raise ValueError("decode takes one token per cached sequence: pass cu_seqlens=None")
             phi_k, phi_v = self._phis()
-            out = decode_step(q, k, v, gates, cache, self.cfg, phi_k, phi_v)
+            out = decode_step(q, k, v, gates, cache, self.cfg, phi_k, phi_v, backend=self.backend)
             return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
+        # One packing for every call below: cu_seqlens is read (and validated) once.
+        cu_seqlens = Packing.of(cu_seqlens, x.shape[0], device=x.device)
         if self.k_compressor is None:
             out = api.nsa_attention(q, k, v, gates, self.cfg, cu_seqlens, backend=self.backend)
             if cache is not None:
                 cache.prefill(k, v, *self._compressed(k, v, cu_seqlens), cu_seqlens,
-                              varlen.cmp_cu_seqlens(cu_seqlens, x.shape[0], self.cfg, device=x.device))
+                              cu_seqlens.cmp_packing(self.cfg, device=x.device))
         else:
             k_cmp, v_cmp = self._compressed(k, v, cu_seqlens)
             o_cmp, lse = api.cmp_attention(q, k_cmp, v_cmp, self.cfg, cu_seqlens, backend=self.backend,
@@ -92,8 +95,7 @@ class NSAAttention(nn.Module):
             o_win = api.win_attention(q, k, v, self.cfg, cu_seqlens, backend=self.backend)
             out = api.combine_branches(gates, o_cmp, o_sel, o_win)
             if cache is not None:
-                cache.prefill(k, v, k_cmp, v_cmp, cu_seqlens,
-                              varlen.cmp_cu_seqlens(cu_seqlens, x.shape[0], self.cfg, device=x.device))
+                cache.prefill(k, v, k_cmp, v_cmp, cu_seqlens, cu_seqlens.cmp_packing(self.cfg, device=x.device))
         return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
 
     def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nsa_ref import masks, varlen
+from nsa_ref.packing import as_packing
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -80,9 +81,10 @@ def cmp_attention(
     """
     T, Hq, Dk = q.shape
     scale = cfg.softmax_scale(Dk)
-    cmp_bounds = varlen.seq_bounds(varlen.cmp_cu_seqlens(cu_seqlens, T, cfg), k_cmp.shape[0])
+    packing = as_packing(cu_seqlens, T)
+    cmp_offsets = packing.cmp_offsets(cfg)
     outs, lses = [], []
-    for (a, b), (ca, cb) in zip(varlen.seq_bounds(cu_seqlens, T), cmp_bounds):
+    for (a, b), (ca, cb) in zip(packing.bounds, zip(cmp_offsets[:-1], cmp_offsets[1:])):
         pos = torch.arange(b - a, device=q.device)
         visible = masks.cmp_visible_mask(pos, cb - ca, cfg)[None]
         out, lse = attend(q[a:b], k_cmp[ca:cb], v_cmp[ca:cb], visible, scale)
@@ -110,7 +112,7 @@ def sel_attention(
     outs = []
     for a, b in varlen.seq_bounds(cu_seqlens, T):
         pos = torch.arange(b - a, device=q.device)
-        visible = masks.sel_visible_mask(pos, pos, block_idx[a:b], cfg)
+        visible = masks.sel_visible_mask(pos, pos, block_idx[a:b], cfg, cfg.num_sel_blocks(b - a))
         outs.append(attend(q[a:b], k[a:b], v[a:b], visible, scale)[0])
     return varlen.cat_rows(outs, q, (Hq, v.shape[-1]))
 

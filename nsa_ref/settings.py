@@ -48,10 +48,26 @@ class NSASettings(BaseSettings):
 _cache: tuple[tuple[tuple[str, str], ...], NSASettings] | None = None
 
 
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def current_settings() -> NSASettings:
-    """Settings from the environment, re-read only when an NSA_* variable changed."""
+    """Settings from the environment, re-read only when an NSA_* variable changed. Inside a graph
+    torch.compile traces, the settings last read stand (the graph is specialised on them; pass
+    ``settings=`` to the API to pin them explicitly)."""
     global _cache
+    if _cache is not None and _compiling():
+        return _cache[1]
     key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("NSA_")))
     if _cache is None or _cache[0] != key:
         _cache = (key, NSASettings())
     return _cache[1]
+
+
+try:  # read once at import, so a graph torch.compile traces finds the flags cached
+    current_settings()
+except ValueError:  # a bad NSA_* value: reported by the first call instead
+    pass

@@ -15,6 +15,12 @@ from typing import Iterator
 
 log = logging.getLogger("nsa_ref")
 
+
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
 _lock = threading.Lock()
 _counts: Counter[tuple[str, str, str]] = Counter()
 _audits: list[dict] = []
@@ -22,7 +28,11 @@ _timings: list[dict] = []
 
 
 def record(branch: str, path: str, reason: str) -> None:
-    """Count one call of `branch` that ran on `path` for `reason`."""
+    """Count one call of `branch` that ran on `path` for `reason`. Not inside a graph that
+    torch.compile traces: the graph replays without Python, so a count there would be one per
+    compilation, not per call (and the lock would break the graph)."""
+    if _compiling():
+        return
     with _lock:
         _counts[(branch, path, reason)] += 1
 

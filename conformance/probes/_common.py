@@ -77,10 +77,10 @@ def int32(values, device="cpu") -> torch.Tensor:
 
 
 def cumulative(lengths) -> list[int]:
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return out
+    """lengths: B ints -> host offsets (B+1 ints), ``nsa_ref.packing.offsets_from_lengths``."""
+    from nsa_ref.packing import offsets_from_lengths
+
+    return offsets_from_lengths(lengths)
 
 
 def describe_value(value: Any) -> dict:

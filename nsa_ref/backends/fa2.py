@@ -63,9 +63,8 @@ class FA2Backend:
             min_len, source = self.min_len(call)
             if call.q.shape[0] < min_len:
                 return f"T below the FA-2 minimum length ({source})"
-        cu = call.cu_seqlens
-        plan = call.memo["plan"] = calls.plan(call.branch, call.q, call.k, call.v, call.cfg,
-                                              getattr(cu, "cu_seqlens", cu), s.fa2_pref_fp16)
+        plan = call.memo["plan"] = calls.plan(call.branch, call.q, call.k, call.v, call.cfg, call.cu_seqlens,
+                                              s.fa2_pref_fp16)
         if s.fa2_contracts == "off":
             return None
         return plan.contract_refusal(requires_grad=call.training, caps=call.device.caps(),

@@ -21,11 +21,7 @@ import torch
 
 from nsa_ref.fa2 import calls
 from nsa_ref.fa2.providers import FA2Provider
-
-
-def _host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
-    # One host copy of the offsets (a device sync): the per-sequence layout needs the lengths.
-    return [int(x) for x in cu_seqlens.tolist()]
+from nsa_ref.packing import as_packing, device_cu_seqlens
 
 
 def _cmp_one(q, k_cmp, v_cmp, cfg, provider: FA2Provider, plan: calls.FA2Plan):
@@ -70,9 +66,10 @@ def cmp_attention(q, k_cmp, v_cmp, cfg, cu_seqlens=None, *, provider: FA2Provide
     ``plan``: the checked ``calls.plan("cmp", ...)``; planned here when None.
     """
     plan = plan or calls.plan("cmp", q, k_cmp, v_cmp, cfg, cu_seqlens, pref_fp16)
-    if cu_seqlens is None:
+    if device_cu_seqlens(cu_seqlens) is None:
         return _cmp_one(q, k_cmp, v_cmp, cfg, provider, plan)
-    offsets = _host_offsets(cu_seqlens)
+    # The per-sequence layout needs the lengths: the packing's one host read of the offsets.
+    offsets = as_packing(cu_seqlens, q.shape[0]).offsets
     outs, lses, c0 = [], [], 0
     for start, end in zip(offsets[:-1], offsets[1:]):
         n = end - start
@@ -97,12 +94,12 @@ def win_attention(q, k, v, cfg, cu_seqlens=None, *, provider: FA2Provider, pref_
     plan = plan or calls.plan("win", q, k, v, cfg, cu_seqlens, pref_fp16)
     qp, kp, vp = plan.prepare(q, k, v)
     window, scale = plan.window, plan.scale
-    if cu_seqlens is None:
+    if device_cu_seqlens(cu_seqlens) is None:
         o, _ = provider.dense(qp[None], kp[None], vp[None], causal=True, window=window, scale=scale)
         o = o[0]
     else:
-        offsets = _host_offsets(cu_seqlens)
-        max_len = max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
-        o, _ = provider.varlen(qp, kp, vp, cu_seqlens, cu_seqlens, max_len, max_len,
+        packing = as_packing(cu_seqlens, T)
+        max_len = packing.max_seqlen  # handed in, or the packing's one host read
+        o, _ = provider.varlen(qp, kp, vp, packing.cu_seqlens, packing.cu_seqlens, max_len, max_len,
                                causal=True, window=window, scale=scale)
     return o[..., :dv].to(q.dtype)

@@ -136,7 +136,10 @@ def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def plan(branch: str, q, k, v, cfg: "NSAConfig", cu_seqlens=None, pref_fp16: bool = False) -> FA2Plan:
     """The plan of ``branch`` (cmp | sel | win) for q (T, Hq, Dk), k (S, Hkv, Dk), v (S, Hkv, Dv)
-    and cu_seqlens (B+1,) or None (real or meta: only shapes and dtypes are read)."""
+    and cu_seqlens (B+1,), a Packing or None (real or meta: only shapes and dtypes are read)."""
+    from nsa_ref.packing import device_cu_seqlens
+
+    cu_seqlens = device_cu_seqlens(cu_seqlens)
     T, Hq, dk = q.shape
     Hkv = k.shape[1]
     dp = padded_head_dim(dk, v.shape[-1])

@@ -12,6 +12,7 @@ from contracts.fa2_mask import fa2_mask
 from nsa_ref import fa2, reference
 from nsa_ref.config import NSAConfig
 from nsa_ref.compress import compress
+from nsa_ref.packing import cu_seqlens_from_lengths
 from nsa_ref.fa2.emulate import EmulatedFA2
 
 EMU = EmulatedFA2()
@@ -25,7 +26,7 @@ def _qkv(T, hq, hkv, dk, dv, dtype=torch.float32, seed=0):
 
 
 def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return cu_seqlens_from_lengths(lengths)
 
 
 def test_fa2_mask_formula_examples():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from nsa_ref import NSAConfig
+from nsa_ref.packing import cu_seqlens_from_lengths
 
 # Every rule shows up within a few dozen tokens: blocks of 8 with stride 4, selection blocks of
 # 8, 3 picks (1 initial + 1 local + 1 by score), window 8.
@@ -16,10 +17,7 @@ LENGTHS = (0, 5, 21, 0, 40)
 
 
 def cu_of(lengths) -> torch.Tensor:
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32)
+    return cu_seqlens_from_lengths(lengths)
 
 
 def qkv(T: int, hq: int, hkv: int, dk: int = 5, dv: int = 3, seed: int = 0, dtype=torch.float64, grad=False):

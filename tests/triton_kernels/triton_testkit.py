@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from nsa_ref import NSAConfig
+from nsa_ref.packing import cu_seqlens_from_lengths
 from nsa_ref.compress import compress
 
 #: Paper block sizes (l=32, d=16, l'=64) with few picks, so short sequences still have free picks.
@@ -27,10 +28,7 @@ REL_TOL = {torch.float32: 1e-5, torch.float64: FP64_TOL}
 
 def cu_of(lengths, device) -> torch.Tensor:
     """lengths: B ints -> cu_seqlens (B+1,) int32 on ``device``."""
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    return cu_seqlens_from_lengths(lengths, device)
 
 
 def qkv(T: int, hq: int, hkv: int, dk: int, dv: int, dtype, device, seed: int = 0):

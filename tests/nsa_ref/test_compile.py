@@ -1,0 +1,55 @@
+"""torch.compile traces nsa_attention without a graph break (CPU: the reference and SDPA paths).
+
+Before the packing/telemetry/validate changes a CPU trace broke 6 times (auto, sdpa) and 10 times
+(reference): bool() on tensors in the value checks, the telemetry lock, a max().item() in the
+selected mask, the settings object built inside the trace.
+"""
+import pytest
+import torch
+
+from nsa_ref import NSAConfig, nsa_attention, telemetry
+from nsa_ref.packing import cu_seqlens_from_lengths
+
+CFG = NSAConfig(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=6)
+
+
+def _inputs(T=33):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(T, h, 8, generator=g) for h in (4, 2, 2)] + [torch.rand(T, 4, 3, generator=g)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
+def test_no_graph_break(backend):
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(nsa_attention)(*_inputs(), CFG, None, backend)
+    reasons = [r.reason.splitlines()[0] for r in explained.break_reasons]
+    assert explained.graph_break_count == 0, f"{explained.graph_break_count} graph breaks: {reasons}"
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    q, k, v, gates = _inputs()
+    compiled = torch.compile(lambda *x: nsa_attention(*x, CFG, backend=backend), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, k, v, gates), nsa_attention(q, k, v, gates, CFG, backend=backend))
+
+
+def test_fullgraph_with_packed_sequences_and_host_metadata():
+    """Packed: the offsets come from cu_seqlens_cpu, so the trace reads nothing from the device."""
+    torch._dynamo.reset()
+    lengths = [20, 0, 13]
+    cu = cu_seqlens_from_lengths(lengths)
+    q, k, v, gates = _inputs(sum(lengths))
+    host = cu.tolist()
+    compiled = torch.compile(lambda *x: nsa_attention(*x, CFG, cu, "sdpa", cu_seqlens_cpu=host),
+                             fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, k, v, gates), nsa_attention(q, k, v, gates, CFG, cu, backend="sdpa"))
+
+
+def test_compiled_gate_check_is_a_device_assert():
+    torch._dynamo.reset()
+    q, k, v, gates = _inputs()
+    compiled = torch.compile(lambda *x: nsa_attention(*x, CFG, backend="sdpa"), fullgraph=True, backend="eager")
+    with pytest.raises(RuntimeError, match=r"gates must lie in \[0, 1\]"):
+        compiled(q, k, v, gates + 1.0)
+    telemetry.reset()

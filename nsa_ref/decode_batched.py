@@ -99,7 +99,7 @@ def select_from_probs(
     with torch.no_grad():
         scores = selection.block_scores(p_cmp.reshape(B * n, Hq, Tc), n_kv_heads, num_sel, cfg)
         block_idx = selection.top_blocks(scores, q_pos.reshape(B * n), cfg)
-    return block_idx.reshape(B, n, n_kv_heads, -1)
+    return block_idx.reshape(B, n, n_kv_heads, cfg.n_sel)
 
 
 def sel_branch(

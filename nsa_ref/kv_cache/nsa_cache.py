@@ -132,8 +132,8 @@ class NSAKVCache:
         B, n = k4.shape[:2]
         new_lengths = [x + n for x in self.raw.lengths]
         dev = self.raw.k_pages.device
-        b = torch.arange(B, device=dev).repeat_interleave(n)
-        pos = self.raw.cache_seqlens.long().repeat_interleave(n) + torch.arange(n, device=dev).repeat(B)
+        b = torch.arange(B, device=dev)[:, None].expand(B, n).reshape(B * n)
+        pos = (self.raw.cache_seqlens.long()[:, None] + torch.arange(n, device=dev)).reshape(B * n)
         self.raw.write(b, pos, k4.reshape(B * n, *k4.shape[2:]).detach(), v4.reshape(B * n, *v4.shape[2:]).detach())
         old_lengths = self.raw.lengths
         self.raw.add_lengths(n)
@@ -179,6 +179,17 @@ class NSAKVCache:
         old_lengths = self.raw.lengths
         self.raw.set_lengths(new_lengths)
         self._emit(old_lengths, new_lengths)
+
+    def reset(self, seqs: Sequence[int]) -> None:
+        """Sequences ``seqs`` (indices) become empty, the others keep their tokens: a finished
+        slot of a continuous batch starts over (its pages stay assigned; their old content is
+        never read again). Indices are checked first."""
+        seqs = list(seqs)
+        bad = [b for b in seqs if not (isinstance(b, int) and 0 <= b < self.batch_size)]
+        if bad:
+            raise CacheShapeError(f"reset: sequence index {bad[0]!r} is outside 0..{self.batch_size - 1}")
+        for store in (self.raw, self.cmp):
+            store.set_lengths([0 if b in seqs else n for b, n in enumerate(store.lengths)])
 
     # -- checks -----------------------------------------------------------------------------
     def check_append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

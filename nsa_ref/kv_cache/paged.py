@@ -77,14 +77,26 @@ class PagedView:
         """
         shape = torch.broadcast_shapes(b.shape, pos.shape, valid.shape, *(() if head is None else (head.shape,)))
         valid = valid.expand(shape)
-        safe = torch.where(valid, pos, torch.zeros_like(pos))
-        page, offset = self.locate(b, safe)
-        page = torch.where(valid, page, torch.zeros_like(page))
-        index = (page, offset) if head is None else (page, offset, head)
-        k, v = self.k_pages[index], self.v_pages[index]
-        keep = valid[(...,) + (None,) * (k.dim() - valid.dim())]
-        zero = torch.zeros((), dtype=k.dtype, device=k.device)
-        return torch.where(keep, k, zero), torch.where(keep, v, zero)
+        page, offset = self.locate(b, torch.where(valid, pos, torch.zeros_like(pos)))
+        row = page.clamp_min(0) * self.page_size + offset  # invalid entries: some row of the pool
+        if head is not None:
+            row = row * self.k_pages.shape[2] + head
+        hidden = ~valid[(...,) + (None,) * (1 if head is not None else 2)]
+        return tuple(_take(pages, row, head is None).masked_fill_(hidden, 0) for pages in (self.k_pages, self.v_pages))
+
+
+def _take(pages: torch.Tensor, row: torch.Tensor, whole_token: bool) -> torch.Tensor:
+    """pages (num_pages, P, H, D), row: int64 of any shape, a flat token index (page * P + offset)
+    or, per head, (page * P + offset) * H + h -> (*row.shape, H, D) or (*row.shape, D), a new tensor."""
+    n, P, H, D = pages.shape
+    try:  # one index_select on the merged leading dims (any pool whose dims merge: no copy)
+        flat = pages.view(n * P, H, D) if whole_token else pages.view(n * P * H, D)
+    except RuntimeError:  # dims that do not merge: the same entries through advanced indexing
+        if whole_token:
+            return pages[torch.div(row, P, rounding_mode="floor"), row % P]
+        token = torch.div(row, H, rounding_mode="floor")
+        return pages[torch.div(token, P, rounding_mode="floor"), token % P, row % H]
+    return flat.index_select(0, row.reshape(-1)).reshape(*row.shape, *flat.shape[1:])
 
 
 class PagedKV:

@@ -215,3 +215,29 @@ def test_step_past_capacity_and_config_mismatch_are_refused():
     with pytest.raises(KVCacheError, match="differs from the cache"):
         decode_step_batched(*args, cache, ODD)
     assert _same(before, _bytes(cache))
+
+
+def test_reset_slot_starts_a_new_sequence_while_the_other_continues():
+    """Continuous batching: slot 0 finishes sequence A and starts C from empty (reset), slot 1
+    keeps decoding B; both equal prefill throughout, on poisoned pages."""
+    case = Case(TIED, [12, 30, 16], seed=8)  # A, B, C
+    table = torch.tensor([[4, 0, 7, 2, 9, 5, 11, 1, 3, 12], [6, 13, 8, 10, 14, 15, 16, 17, 18, 19]], dtype=torch.int32)
+    two = NSAKVCache.allocate_paged(table, 20, 3, case.hkv, case.dk, TIED, v_head_dim=case.dv, dtype=torch.float64)
+    for store in (two.raw, two.cmp):
+        store.k_pages.fill_(float("nan"))
+        store.v_pages.fill_(float("nan"))
+    a, b, c = case.starts
+
+    def step(rows):
+        got = decode_step_batched(case.q[rows], case.k[rows], case.v[rows], case.gates[rows], two, TIED)
+        assert_close(got, case.want[rows], f"rows {rows}", atol=ATOL)
+
+    for t in range(12):
+        step([a + t, b + t])
+    two.reset([0])
+    assert two.lengths == [0, 12] and two.num_cmp_blocks[0] == 0
+    assert two.cache_seqlens.tolist() == [0, 12]
+    for t in range(16):
+        step([c + t, b + 12 + t])
+    with pytest.raises(KVCacheError, match="sequence index 2 is outside 0..1"):
+        two.reset([2])

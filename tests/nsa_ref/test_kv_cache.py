@@ -12,6 +12,7 @@ from nsa_ref.kv_cache import (
     KVCacheTypeError,
     NSAKVCache,
     PageTableError,
+    PagedKV,
 )
 from nsa_ref_testkit import SMALL
 
@@ -272,3 +273,28 @@ def test_mlp_config_needs_its_phi_and_phi_shape_is_checked():
         NSAKVCache.allocate(1, 8, HKV, DK, SMALL.model_copy(update={"compress": "mlp"}))
     with pytest.raises(CacheShapeError, match="phi_k maps a block"):
         NSAKVCache.allocate(1, 8, HKV, DK, SMALL, phi_k=lambda blocks: blocks.sum(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("strided", ["sliced", "permuted"])
+def test_caller_owned_strided_pools(strided):
+    """An inference stack's own pools: only the last dim needs stride 1; a pool whose leading
+    dims do not merge is read through advanced indexing, with the same contents."""
+    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    if strided == "sliced":
+        k_pages = torch.zeros(4, 4, HKV, DK + 3, dtype=torch.float64)[..., :DK]
+        v_pages = torch.zeros(4, 4, HKV, DV + 1, dtype=torch.float64)[..., :DV]
+    else:
+        k_pages = torch.zeros(4, 4, HKV, DK, dtype=torch.float64).transpose(0, 1).contiguous().transpose(0, 1)
+        v_pages = torch.zeros(4, 4, HKV, DV, dtype=torch.float64).transpose(0, 1).contiguous().transpose(0, 1)
+    raw = PagedKV(k_pages, v_pages, table)
+    cmp = PagedKV.contiguous(2, SMALL.num_cmp_blocks(8), HKV, DK, DV, torch.float64, "cpu", "compressed")
+    cache = NSAKVCache(raw, cmp, SMALL)
+    k, v = _tokens(14)
+    cache.prefill(k, v, _cu([8, 6]))
+    assert torch.equal(cache.sequence(0)[0], k[:8]) and torch.equal(cache.sequence(1)[1], v[8:])
+    torch.testing.assert_close(cache.sequence(0)[2], compress(k[:8], SMALL)[0], rtol=0, atol=1e-15)
+    assert cache.raw.k_pages.data_ptr() == k_pages.data_ptr()
+    b, pos = torch.tensor([[0], [1]]), torch.tensor([[0, 5], [1, 3]])
+    kh, vh = cache.raw.view().gather(b, pos, torch.tensor([[True, True], [True, False]]), torch.tensor(1))
+    assert torch.equal(kh[0], k[[0, 5], 1]) and torch.equal(kh[1, 0], k[8 + 1, 1])
+    assert torch.equal(vh[1, 1], torch.zeros(DV, dtype=torch.float64)), "an invalid entry reads as 0"

@@ -580,8 +580,8 @@ NOTES: tuple[tuple[str, str], ...] = (
     ),
     (
         "backward rules",
-        "FA2-INT32-OFFSET, FA2-BWD-GARBAGE-GRADS and FA2-BWD-ARCH (phase: backward) are about the "
-        "backward kernel. guarded() checks the forward rules before the forward and, when autograd "
+        "The phase-backward rules (FA2-INT32-OFFSET, FA2-BWD-GARBAGE-GRADS, FA2-BWD-ARCH, "
+        "FA2-INFERENCE-ONLY) are about the backward kernel. guarded() checks the forward rules before the forward and, when autograd "
         "records the call and a backward rule fails, hooks the output's grad_fn so the "
         "FA2ContractError is raised when backward starts, before the backward kernel; a forward-only "
         "call (inference, or FA-2's own forward-only tests on sm86) is never refused for them. "

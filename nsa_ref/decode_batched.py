@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_ref import masks, selection
+from nsa_ref import masks, selection, telemetry
 from nsa_ref.api import combine_branches
 from nsa_ref.config import NSAConfig
 from nsa_ref.inputs import check_cfg, check_gates, check_heads
@@ -144,7 +144,8 @@ def decode_step_batched(
     end among the new tokens are emitted), then cmp, selection, sel and win for the queries at
     positions S_b .. S_b + n - 1, gated (cmp, sel, win) as ``nsa_attention``. Every input and
     the append are checked before the cache changes: a refused step leaves it as it was.
-    Inference only (runs under ``torch.no_grad()``).
+    Inference only (runs under ``torch.no_grad()``). Telemetry: each branch counts path
+    "reference", reason "decode_step_batched".
     """
     check_cfg(cfg)
     if cfg != cache.cfg:
@@ -175,4 +176,6 @@ def decode_step_batched(
     o_sel = sel_branch(q4, q_pos, block_idx, raw_view, cfg)
     o_win = win_branch(q4, q_pos, raw_view, cfg)
     out = combine_branches(g4, o_cmp, o_sel, o_win)
+    for branch in ("cmp", "select", "sel", "win"):
+        telemetry.record(branch, "reference", "decode_step_batched")
     return out[:, 0] if single else out

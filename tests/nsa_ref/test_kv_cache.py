@@ -298,3 +298,22 @@ def test_caller_owned_strided_pools(strided):
     kh, vh = cache.raw.view().gather(b, pos, torch.tensor([[True, True], [True, False]]), torch.tensor(1))
     assert torch.equal(kh[0], k[[0, 5], 1]) and torch.equal(kh[1, 0], k[8 + 1, 1])
     assert torch.equal(vh[1, 1], torch.zeros(DV, dtype=torch.float64)), "an invalid entry reads as 0"
+
+
+def test_learned_phi_compresses_the_cached_blocks():
+    """cfg.compress = "mlp": the module's MLPCompressor as phi, applied to each block of l cached
+    tokens as prefill applies it to gather_cmp_blocks."""
+    from nsa_ref.compress import MLPCompressor, gather_cmp_blocks
+
+    cfg = SMALL.model_copy(update={"compress": "mlp"})
+    torch.manual_seed(0)
+    phi_k, phi_v = MLPCompressor(cfg.block_len, DK).double(), MLPCompressor(cfg.block_len, DV).double()
+    cache = NSAKVCache.allocate(2, 24, HKV, DK, cfg, v_head_dim=DV, dtype=torch.float64, phi_k=phi_k, phi_v=phi_v)
+    k, v = _tokens(30)
+    cache.prefill(k[:20], v[:20], _cu([12, 8]))
+    cache.append(k[20:30].reshape(2, 5, HKV, DK), v[20:30].reshape(2, 5, HKV, DV))
+    with torch.no_grad():
+        for b, rows in enumerate((list(range(12)) + list(range(20, 25)), list(range(12, 20)) + list(range(25, 30)))):
+            _, _, kc, vc = cache.sequence(b)
+            torch.testing.assert_close(kc, phi_k(gather_cmp_blocks(k[rows], cfg)), rtol=0, atol=1e-14)
+            torch.testing.assert_close(vc, phi_v(gather_cmp_blocks(v[rows], cfg)), rtol=0, atol=1e-14)

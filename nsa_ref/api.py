@@ -11,6 +11,7 @@ import torch
 
 from nsa_ref import router, selection, telemetry
 from nsa_ref.compress import compress as _mean_compress
+from nsa_ref.compress import gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
 from nsa_ref.inputs import (
     check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_lse, check_tensor,
@@ -201,8 +202,9 @@ def nsa_attention(
     check_heads(q, k, v)
     cu_seqlens = check_tokens(q, k, cu_seqlens, cu_seqlens_cpu, max_seqlen)  # the call's one Packing
     check_gates(gates, q, check_validate(validate))
-    k_cmp, _ = _mean_compress(k, cfg, cu_seqlens)
-    v_cmp, _ = _mean_compress(v, cfg, cu_seqlens)
+    # The compressed keys only: cu_seqlens_cmp is not needed here (building it copies to the device).
+    k_cmp = mean_phi(gather_cmp_blocks(k, cfg, cu_seqlens))
+    v_cmp = mean_phi(gather_cmp_blocks(v, cfg, cu_seqlens))
     o_cmp, lse = _route_call("cmp", backend, q, k_cmp, v_cmp, cfg, cu_seqlens, (q, k_cmp, v_cmp, cfg), settings)
     block_idx = _select(q, k_cmp, cfg, cu_seqlens, backend, lse, settings)
     o_sel = _route_call("sel", backend, q, k, v, cfg, cu_seqlens, (q, k, v, block_idx, cfg), settings)

@@ -4,6 +4,28 @@ Tokens are packed as in FA-2 varlen: sequence b holds rows cu_seqlens[b]..cu_seq
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import torch
+
+_TABLES: OrderedDict = OrderedDict()
+_TABLES_KEPT = 64
+
+
+def device_table(rows, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Host ints (a list of ints or of equal-length tuples) -> a tensor on ``device``, kept for the
+    next call with the same values: the host-to-device copy (a sync point on CUDA from pageable
+    memory, and not allowed inside CUDA-graph capture) happens once per layout, at warm-up."""
+    key = (tuple(rows), str(device), dtype)
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.tensor(rows, dtype=dtype, device=device)
+        _TABLES[key] = table
+        if len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return table
 
 
 def next_pow2(x: int, floor: int = 1) -> int:

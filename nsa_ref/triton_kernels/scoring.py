@@ -33,7 +33,7 @@ from nsa_ref import masks
 from nsa_ref.varlen import seq_lengths, token_positions
 from nsa_ref.selection import top_blocks
 from nsa_ref.triton_kernels.dtypes import acc_dtype, dot_precision, tl_acc
-from nsa_ref.triton_kernels.layout import next_pow2, row_tiles
+from nsa_ref.triton_kernels.layout import device_table, next_pow2, row_tiles
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -234,7 +234,7 @@ def _lse_for_tiles(q, k_cmp, cfg, tiles) -> torch.Tensor:
         return lse
     q, k_cmp = _inner_contiguous(q), _inner_contiguous(k_cmp)
     G, GP, BT = _geometry(q, Hkv)
-    table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
+    table = device_table(tiles, q.device)
     _cmp_lse_kernel[(len(tiles), Hkv)](
         q, k_cmp, lse, table, q.stride(0), q.stride(1), k_cmp.stride(0), k_cmp.stride(1),
         Hq, G, Dk, cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride,
@@ -305,7 +305,7 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
         lse = _lse_for_tiles(q, k_cmp, cfg, tiles)
     lse = lse.to(acc_dtype(q.dtype)).contiguous()
     G, GP, BT = _geometry(q, Hkv)
-    table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
+    table = device_table(tiles, q.device)
     NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1 (Triton 3.6 fails to compile it)
     BN = max(NP, min(TUNING["topn_chunk"], next_pow2(nb_max)))
     for a, b in _chunks(tiles, BT, Hkv * nb_max):
@@ -349,7 +349,7 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
         return scores
     G, GP, BT = _geometry(q, Hkv)
     tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
-    table = torch.tensor(tiles, dtype=torch.int32, device=q.device)
+    table = device_table(tiles, q.device)
     _slc_scores_kernel[(len(tiles), Hkv)](
         q, k_cmp, lse.to(acc_dtype(q.dtype)).contiguous(), scores, table, q.stride(0), q.stride(1),
         k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1), 0, Hq, G, Dk,

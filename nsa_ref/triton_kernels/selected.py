@@ -34,7 +34,7 @@ import triton.language as tl
 
 from nsa_ref.triton_kernels.dtypes import acc_dtype, dot_precision, tl_acc
 from nsa_ref.masks import unique_blocks
-from nsa_ref.triton_kernels.layout import next_pow2
+from nsa_ref.triton_kernels.layout import device_table, next_pow2
 from nsa_ref.varlen import seq_lengths, token_positions
 
 if TYPE_CHECKING:
@@ -201,15 +201,15 @@ def _reverse_index(idx: torch.Tensor, pos: torch.Tensor, lengths: list[int], lp:
     device = idx.device
     nbs = [-(-L // lp) for L in lengths]
     NB = sum(nbs)
-    blk_base = torch.tensor([0] + nbs[:-1], dtype=torch.int64, device=device).cumsum(0)
-    starts = torch.tensor([0] + lengths[:-1], dtype=torch.int64, device=device).cumsum(0)
+    blk_base = device_table([0] + nbs[:-1], device, torch.int64).cumsum(0)
+    starts = device_table([0] + lengths[:-1], device, torch.int64).cumsum(0)
     seq_of_block = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                           torch.tensor(nbs, device=device), output_size=NB)
+                                           device_table(nbs, device, torch.int64), output_size=NB)
     j_of_block = torch.arange(NB, device=device) - blk_base[seq_of_block]
     block_row0 = (starts[seq_of_block] + j_of_block * lp).to(torch.int32)
-    block_len = torch.clamp(torch.tensor(lengths, dtype=torch.int64, device=device)[seq_of_block] - j_of_block * lp,
+    block_len = torch.clamp(device_table(lengths, device, torch.int64)[seq_of_block] - j_of_block * lp,
                             max=lp).to(torch.int32)
-    seq_lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    seq_lens = device_table(lengths, device, torch.int64)
     seq_of_tok = torch.repeat_interleave(torch.arange(len(lengths), device=device), seq_lens, output_size=T)
     j = idx.to(torch.int64)
     ok = (j >= 0) & (j * lp <= pos.to(torch.int64)[:, None, None])

@@ -107,9 +107,12 @@ def sel_branch(
 ) -> torch.Tensor:
     """q: (B, n, Hq, Dk), q_pos: (B, n), block_idx: (B, n, Hkv, n_sel) -> o_sel (B, n, Hq, Dv).
 
-    Reads only the selected blocks' tokens s (n_sel * l' per query and KV head) and keeps
-    s <= t (``masks.causal_visible``); -1 entries select nothing.
+    Reads only the selected blocks' tokens s (at most n_sel * l' per query and KV head) and
+    keeps s <= t (``masks.causal_visible``); -1 entries select nothing. Lists are sorted with the
+    -1 padding last (``selection.top_blocks``), so only the first nb = (blocks of the longest
+    sequence) columns can hold a block.
     """
+    block_idx = block_idx[..., : cfg.num_sel_blocks(raw_view.max_length)]
     B, n, Hkv, n_sel = block_idx.shape
     lp = cfg.sel_block
     s = block_idx.long()[..., None] * lp + torch.arange(lp, device=q.device)  # (B, n, Hkv, n_sel, l')

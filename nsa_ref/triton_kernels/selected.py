@@ -146,6 +146,8 @@ def _sel_dkv_kernel(Q, K, V, DO, POS, LSE2, DELTA, DK, DV, SEG, ENTRY_T, BLOCK_R
     owner = tl.load(SEG + seg * 3)
     e0 = tl.load(SEG + seg * 3 + 1)
     e1 = tl.load(SEG + seg * 3 + 2)
+    if e1 <= e0:  # a slot past the real segment count (the grid is an upper bound)
+        return
     kvh = owner // n_blocks
     blk = owner % n_blocks
     row0 = tl.load(BLOCK_ROW0 + blk).to(tl.int64)  # packed row of the block's first key
@@ -218,15 +220,25 @@ def _reverse_index(idx: torch.Tensor, pos: torch.Tensor, lengths: list[int], lp:
     flat = owner.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     tokens = (order // (Hkv * n)).to(torch.int32)
-    counts = torch.bincount(flat, minlength=Hkv * NB + 1)[: Hkv * NB]
+    # No host read here (a backward that syncs cannot run under CUDA graphs or sync-debug mode):
+    # counts by scatter_add (bincount sizes its output from a device max), and the grid is an
+    # upper bound on the segment count, sum ceil(c / S) <= ceil(E / S) + owners; the slots past
+    # the real count get an empty entry range, and the kernel skips them.
+    owners = Hkv * NB
+    counts = torch.zeros(owners + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat))[:owners]
     ends = counts.cumsum(0)
     begins = ends - counts
     nseg = (counts + DKV_SEGMENT - 1) // DKV_SEGMENT
-    total = int(nseg.sum().item())  # one device sync: the grid size
-    seg_owner = torch.repeat_interleave(torch.arange(Hkv * NB, device=device), nseg, output_size=total)
-    seg_rank = torch.arange(total, device=device) - (nseg.cumsum(0) - nseg)[seg_owner]
-    e0 = begins[seg_owner] + seg_rank * DKV_SEGMENT
-    e1 = torch.minimum(e0 + DKV_SEGMENT, ends[seg_owner])
+    seg_ends = nseg.cumsum(0)
+    bound = -(-flat.numel() // DKV_SEGMENT) + owners
+    slot = torch.arange(bound, device=device)
+    seg_owner = torch.searchsorted(seg_ends, slot, right=True)
+    real = seg_owner < owners
+    seg_owner = seg_owner.clamp(max=max(owners - 1, 0))
+    seg_rank = slot - (seg_ends - nseg)[seg_owner]
+    e0 = torch.where(real, begins[seg_owner] + seg_rank * DKV_SEGMENT, 0)
+    e1 = torch.where(real, torch.minimum(e0 + DKV_SEGMENT, ends[seg_owner]), 0)
     segments = torch.stack([seg_owner, e0, e1], dim=1).to(torch.int32).contiguous()
     return segments, tokens, block_row0, block_len, NB
 

@@ -15,7 +15,10 @@ _TABLES_KEPT = 64
 def device_table(rows, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Host ints (a list of ints or of equal-length tuples) -> a tensor on ``device``, kept for the
     next call with the same values: the host-to-device copy (a sync point on CUDA from pageable
-    memory, and not allowed inside CUDA-graph capture) happens once per layout, at warm-up."""
+    memory, and not allowed inside CUDA-graph capture) happens once per layout, at warm-up.
+    Inside a graph torch.compile traces, the values become a constant of the graph instead."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(rows, dtype=dtype, device=device)
     key = (tuple(rows), str(device), dtype)
     table = _TABLES.get(key)
     if table is None:

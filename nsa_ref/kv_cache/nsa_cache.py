@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from nsa_ref import varlen
 from nsa_ref.compress import mean_phi
 from nsa_ref.config import NSAConfig
 from nsa_ref.kv_cache.errors import CacheShapeError, KVCacheError, KVCacheTypeError
 from nsa_ref.kv_cache.paged import PagedKV, PagedView
+from nsa_ref.packing import Packing
 
 #: phi: blocks (Nb, l, H, D) -> (Nb, H, D_out); ``mean_phi`` or an ``MLPCompressor``.
 Phi = Callable[[torch.Tensor], torch.Tensor]
@@ -139,12 +139,15 @@ class NSAKVCache:
         self.raw.add_lengths(n)
         self._emit(old_lengths, new_lengths)
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> None:
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
+                cu_seqlens_cpu=None) -> None:
         """k: (T, Hkv, Dk), v: (T, Hkv, Dv) packed by cu_seqlens (B+1,) int32 (FA-2 varlen layout;
-        None: one sequence) -> sequence b's tokens appended after what it holds, in one call.
+        None: one sequence; or an ``nsa_ref.packing.Packing``) -> sequence b's tokens appended
+        after what it holds, in one call.
 
         On an empty cache this is the prompt's prefill; on a filled one, a chunk of a chunked
-        prefill (ragged: a sequence may get 0 tokens). cu_seqlens is read once on the host.
+        prefill (ragged: a sequence may get 0 tokens). cu_seqlens is read to the host once, or
+        not at all when ``cu_seqlens_cpu`` (its host copy, list or CPU tensor) is given.
         """
         if not isinstance(k, torch.Tensor) or k.dim() != 3 or not isinstance(v, torch.Tensor) or v.dim() != 3:
             raise CacheShapeError(
@@ -154,17 +157,12 @@ class NSAKVCache:
         if k.shape[0] != v.shape[0]:
             raise CacheShapeError(f"prefill: k and v need the same T, got {k.shape[0]} and {v.shape[0]}")
         self._check_tokens(k, v, "prefill")
-        T = k.shape[0]
-        if cu_seqlens is None:
-            cu = [0, T]
-        else:
-            if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dtype != torch.int32:
-                raise KVCacheTypeError(f"prefill: cu_seqlens must be int32 (FA-2 layout), got dtype={cu_seqlens.dtype}")
-            try:
-                varlen.check_cu_seqlens(cu_seqlens, T)
-            except ValueError as e:
-                raise KVCacheError(f"prefill: {e}") from e
-            cu = [int(x) for x in cu_seqlens.tolist()]
+        if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dtype != torch.int32:
+            raise KVCacheTypeError(f"prefill: cu_seqlens must be int32 (FA-2 layout), got dtype={cu_seqlens.dtype}")
+        try:
+            cu = list(Packing.of(cu_seqlens, k.shape[0], cu_seqlens_cpu=cu_seqlens_cpu, device=k.device).offsets)
+        except ValueError as e:
+            raise KVCacheError(f"prefill: {e}") from e
         if len(cu) - 1 != self.batch_size:
             raise CacheShapeError(
                 f"prefill: cu_seqlens describes {len(cu) - 1} sequence(s), the cache holds B = {self.batch_size}"

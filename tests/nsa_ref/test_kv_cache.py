@@ -317,3 +317,50 @@ def test_learned_phi_compresses_the_cached_blocks():
             _, _, kc, vc = cache.sequence(b)
             torch.testing.assert_close(kc, phi_k(gather_cmp_blocks(k[rows], cfg)), rtol=0, atol=1e-14)
             torch.testing.assert_close(vc, phi_v(gather_cmp_blocks(v[rows], cfg)), rtol=0, atol=1e-14)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records every read of a tensor's values to the host (each one a device sync on CUDA)."""
+
+    READS = {"tolist", "item", "cpu", "numpy", "__int__", "__index__", "__bool__", "__float__", "__iter__", "__len__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS and args and isinstance(args[0], torch.Tensor):
+            self.reads.append(f"{name} of {tuple(args[0].shape)}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", 3], ids=str)
+def test_append_and_step_never_read_the_device(layout):
+    """Appends (with and without emission) check host lengths and tables only; prefill reads
+    cu_seqlens once (never with cu_seqlens_cpu); the decode step's only read is the gates'
+    [0, 1] check of nsa_ref.inputs."""
+    from nsa_ref.decode_batched import decode_step_batched
+
+    cache = _cache(layout)
+    k, v = _tokens(sum(LENGTHS))
+    cu = _cu(LENGTHS)
+    with _HostReads() as mode:
+        cache.prefill(k, v, cu)
+    assert len(mode.reads) == 1, f"prefill reads cu_seqlens once: {mode.reads}"
+    cache.reset(range(cache.batch_size))
+    host = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    with _HostReads() as mode:
+        cache.prefill(k, v, cu, cu_seqlens_cpu=host)
+    assert mode.reads == [], f"prefill with cu_seqlens_cpu read the device: {mode.reads}"
+    cache.reset(range(cache.batch_size))
+    cache.prefill(k, v, cu)
+    for n in (1, 3, 4):
+        with _HostReads() as mode:
+            cache.append(*_new(n=n))
+        assert mode.reads == [], f"append of {n} token(s) read the device: {mode.reads}"
+    q = torch.randn(4, 4, DK, dtype=torch.float64)
+    gates = torch.rand(4, 4, 3, dtype=torch.float64)
+    with _HostReads() as mode:
+        decode_step_batched(q, *_new(), gates, cache, SMALL)
+    assert all(r.startswith("__bool__") for r in mode.reads) and len(mode.reads) <= 1, mode.reads

@@ -241,3 +241,20 @@ def test_reset_slot_starts_a_new_sequence_while_the_other_continues():
         step([c + t, b + 12 + t])
     with pytest.raises(KVCacheError, match="sequence index 2 is outside 0..1"):
         two.reset([2])
+
+
+def test_timing_script_runs_and_both_decoders_agree(capsys):
+    """conformance/device/decode_step_timing.py on tiny shapes: one table row per context, the
+    old and the batched decoder agreeing to fp32 rounding."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "conformance" / "device" / "decode_step_timing.py"
+    spec = importlib.util.spec_from_file_location("decode_step_timing", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--contexts", "40", "70", "--steps", "2", "--batch", "2", "--hq", "4", "--hkv", "2",
+                 "--dk", "8", "--dv", "8"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 ") or line.startswith("| 70 ")]
+    assert len(rows) == 2, rows
+    assert all(float(r.strip(" |").split("|")[-1]) < 1e-5 for r in rows), rows

@@ -171,7 +171,8 @@ class PagedKV:
     def set_block_table(self, block_table: torch.Tensor) -> None:
         """block_table: (B, max_pages) int32 -> copied into this store's table (same address).
 
-        Checked first (``PageTableError`` / ``KVCacheTypeError``), nothing changes on refusal.
+        Checked first (``PageTableError`` / ``KVCacheTypeError``), nothing changes on refusal; a
+        slot that holds tokens cannot lose its page.
         Moving a page that holds tokens moves those tokens: the caller copies the page's content.
         """
         if tuple(block_table.shape) != tuple(self.block_table.shape):
@@ -180,6 +181,14 @@ class PagedKV:
                 f"{tuple(self.block_table.shape)}, got {tuple(block_table.shape)}"
             )
         host = _checked_table(block_table, self.k_pages, self.name, batch_size=self.batch_size)
+        P = self.page_size
+        for b, n in enumerate(self.lengths):
+            for slot in range(-(-n // P)):
+                if host[b][slot] == NO_PAGE:
+                    raise PageTableError(
+                        f"{self.name} cache: sequence {b} holds {n} tokens, so block_table[{b}, {slot}] (positions "
+                        f"{slot * P}..{slot * P + P - 1}) needs a page, got {NO_PAGE}; reset the sequence first"
+                    )
         self.block_table.copy_(block_table)
         self._table = host
 

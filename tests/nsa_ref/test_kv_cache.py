@@ -227,8 +227,9 @@ def test_dtype_errors_are_type_errors():
         ([[0, 1], [2, -2]], PageTableError, r"block_table\[1, 1\] = -2 points outside"),
         ([[0, 1], [1, 2]], PageTableError, r"page 1 is listed twice, block_table\[0, 1\] and block_table\[1, 0\]"),
         ([[0, 1, 2], [3, 4, 5]], CacheShapeError, r"keep its shape"),
+        ([[0, 1], [-1, 3]], PageTableError, r"sequence 1 holds 4 tokens, so block_table\[1, 0\] .* needs a page"),
     ],
-    ids=["past-pool", "negative", "shared-page", "shape"],
+    ids=["past-pool", "negative", "shared-page", "shape", "unassign-filled"],
 )
 def test_bad_block_tables_are_refused(table, error, pattern):
     good = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
@@ -239,7 +240,7 @@ def test_bad_block_tables_are_refused(table, error, pattern):
     with pytest.raises(error, match=pattern):
         cache.raw.set_block_table(torch.tensor(table, dtype=torch.int32))
     _assert_unchanged(cache, before)
-    if tuple(torch.tensor(table).shape) == (2, 2):
+    if tuple(torch.tensor(table).shape) == (2, 2) and -1 not in table[1]:
         with pytest.raises(error, match=pattern):  # the same rules when a cache is built
             NSAKVCache.allocate_paged(torch.tensor(table, dtype=torch.int32), 6, 4, HKV, DK, SMALL,
                                       v_head_dim=DV, dtype=torch.float64)

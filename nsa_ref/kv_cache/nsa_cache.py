@@ -178,6 +178,20 @@ class NSAKVCache:
         self.raw.set_lengths(new_lengths)
         self._emit(old_lengths, new_lengths)
 
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """lengths: one per sequence, each <= what it holds -> sequence b keeps its first
+        lengths[b] tokens and the compressed blocks that end among them. Speculative decoding
+        rolls rejected draft tokens back this way; the next append overwrites them in place.
+        Checked first (count and range, naming the sequence); pages stay assigned."""
+        lengths = list(lengths)
+        if len(lengths) != self.batch_size:
+            raise CacheShapeError(f"truncate: got {len(lengths)} length(s), the cache holds B = {self.batch_size}")
+        for b, (new, old) in enumerate(zip(lengths, self.raw.lengths)):
+            if not (isinstance(new, int) and 0 <= new <= old):
+                raise KVCacheError(f"truncate: sequence {b} holds {old} tokens, cannot keep {new!r} (0..{old})")
+        self.raw.set_lengths(lengths)
+        self.cmp.set_lengths([self.cfg.num_cmp_blocks(n) for n in lengths])
+
     def reset(self, seqs: Sequence[int]) -> None:
         """Sequences ``seqs`` (indices) become empty, the others keep their tokens: a finished
         slot of a continuous batch starts over (its pages stay assigned; their old content is
@@ -186,8 +200,7 @@ class NSAKVCache:
         bad = [b for b in seqs if not (isinstance(b, int) and 0 <= b < self.batch_size)]
         if bad:
             raise CacheShapeError(f"reset: sequence index {bad[0]!r} is outside 0..{self.batch_size - 1}")
-        for store in (self.raw, self.cmp):
-            store.set_lengths([0 if b in seqs else n for b, n in enumerate(store.lengths)])
+        self.truncate([0 if b in seqs else n for b, n in enumerate(self.raw.lengths)])
 
     # -- checks -----------------------------------------------------------------------------
     def check_append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -258,3 +258,31 @@ def test_timing_script_runs_and_both_decoders_agree(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 ") or line.startswith("| 70 ")]
     assert len(rows) == 2, rows
     assert all(float(r.strip(" |").split("|")[-1]) < 1e-5 for r in rows), rows
+
+
+def test_speculative_rollback_with_truncate():
+    """Verify 4 draft tokens per sequence in one step, accept 1, 0 and 3 of them (truncate, which
+    also drops compressed blocks that ended among the rejected ones), then decode on: every
+    output equals prefill of the accepted sequence. The rejected drafts are random tokens; in
+    sequence 0 one of them (position 7) ended compressed block 0, which must be recomputed."""
+    cfg, pre, accepted = SMALL, [6, 0, 13], [1, 0, 3]
+    after = 9
+    case = Case(cfg, [p + a + after for p, a in zip(pre, accepted)], seed=9)
+    cache = case.cache(5, capacity=40, poison=True)
+    case.prefill(cache, pre)
+    g = torch.Generator().manual_seed(10)
+    rows = torch.tensor([[r + i for i in range(4)] for r in case.rows(pre)])
+    q, k, v, gates = (x[rows].clone() for x in (case.q, case.k, case.v, case.gates))
+    for b, a in enumerate(accepted):  # draft tokens past the accepted ones are wrong guesses
+        for x in (q, k, v):
+            x[b, a:] = torch.randn(x[b, a:].shape, generator=g, dtype=torch.float64)
+    out = decode_step_batched(q, k, v, gates, cache, cfg)
+    for b, a in enumerate(accepted):
+        assert_close(out[b, :a], case.want[rows[b, :a]], f"accepted drafts of sequence {b}", atol=ATOL)
+    cache.truncate([p + a for p, a in zip(pre, accepted)])
+    assert cache.num_cmp_blocks == [cfg.num_cmp_blocks(p + a) for p, a in zip(pre, accepted)]
+    for step in range(after):
+        got, want = case.step(cache, [p + a + step for p, a in zip(pre, accepted)])
+        assert_close(got, want, f"after rollback, step {step}", atol=ATOL)
+    with pytest.raises(KVCacheError, match=r"sequence 1 holds 9 tokens, cannot keep 10"):
+        cache.truncate([0, 10, 0])

@@ -28,3 +28,4 @@ __all__ = [
     "select_blocks",
     "win_attention",
 ]
+from nsa_ref.decode_batched import NSAKVCache, decode_step_batched  # noqa: E402  batched decode (Documentation/Architecture/Decode.md)

@@ -29,7 +29,7 @@ import torch
 from nsa_ref import masks, selection, telemetry
 from nsa_ref.api import combine_branches
 from nsa_ref.config import NSAConfig
-from nsa_ref.inputs import check_cfg, check_gates, check_heads
+from nsa_ref.inputs import check_cfg, check_gates, check_heads, check_validate
 from nsa_ref.kv_cache import KVCacheError, NSAKVCache, PagedView
 from nsa_ref.reference import masked_softmax
 
@@ -137,7 +137,7 @@ def win_branch(q: torch.Tensor, q_pos: torch.Tensor, raw_view: PagedView, cfg: N
 @torch.no_grad()
 def decode_step_batched(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor,
-    cache: NSAKVCache, cfg: NSAConfig,
+    cache: NSAKVCache, cfg: NSAConfig, *, validate: str = "values",
 ) -> torch.Tensor:
     """q: (B, Hq, Dk), k_new: (B, Hkv, Dk), v_new: (B, Hkv, Dv), gates: (B, Hq, 3) -> (B, Hq, Dv);
     or with n tokens per sequence: q (B, n, Hq, Dk), k_new (B, n, Hkv, Dk), v_new (B, n, Hkv, Dv),
@@ -147,10 +147,13 @@ def decode_step_batched(
     end among the new tokens are emitted), then cmp, selection, sel and win for the queries at
     positions S_b .. S_b + n - 1, gated (cmp, sel, win) as ``nsa_attention``. Every input and
     the append are checked before the cache changes: a refused step leaves it as it was.
-    Inference only (runs under ``torch.no_grad()``). Telemetry: each branch counts path
+    ``validate``: "values" (gates checked in [0, 1]: one device read) or "shapes" (no device
+    read in the whole step), as in ``nsa_attention``. Inference only (runs under
+    ``torch.no_grad()``). Telemetry: each branch counts path
     "reference", reason "decode_step_batched".
     """
     check_cfg(cfg)
+    values = check_validate(validate)
     if cfg != cache.cfg:
         raise KVCacheError(f"decode_step_batched: cfg {cfg!r} differs from the cache's {cache.cfg!r}")
     single = isinstance(q, torch.Tensor) and q.dim() == 3
@@ -169,7 +172,7 @@ def decode_step_batched(
         )
     flat = [x.reshape(B * n, *x.shape[2:]) for x in (q4, k4, v4, g4)]
     check_heads(*flat[:3], k_name="k_new", v_name="v_new")
-    check_gates(flat[3], flat[0])
+    check_gates(flat[3], flat[0], values=values)
     cache.append(k4, v4)  # checks the cache's own rules first; raises before writing
 
     q_pos = cache.cache_seqlens.long()[:, None] - n + torch.arange(n, device=q4.device)  # (B, n)

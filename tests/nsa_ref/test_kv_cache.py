@@ -340,7 +340,7 @@ class _HostReads(torch.overrides.TorchFunctionMode):
 def test_append_and_step_never_read_the_device(layout):
     """Appends (with and without emission) check host lengths and tables only; prefill reads
     cu_seqlens once (never with cu_seqlens_cpu); the decode step's only read is the gates'
-    [0, 1] check of nsa_ref.inputs."""
+    [0, 1] check of nsa_ref.inputs, and none with validate="shapes"."""
     from nsa_ref.decode_batched import decode_step_batched
 
     cache = _cache(layout)
@@ -365,3 +365,6 @@ def test_append_and_step_never_read_the_device(layout):
     with _HostReads() as mode:
         decode_step_batched(q, *_new(), gates, cache, SMALL)
     assert all(r.startswith("__bool__") for r in mode.reads) and len(mode.reads) <= 1, mode.reads
+    with _HostReads() as mode:
+        decode_step_batched(q, *_new(), gates, cache, SMALL, validate="shapes")
+    assert mode.reads == [], f"a step with validate='shapes' read the device: {mode.reads}"

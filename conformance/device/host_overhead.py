@@ -11,7 +11,9 @@ call on the stream. Medians (and p10/p90) go to ``host_overhead.json`` in ``--ou
 $OUT, else the current directory) with the environment, and a table is printed.
 Variants: ``none`` (cu_seqlens=None), ``packed`` (one sequence as cu_seqlens: one host read),
 ``host_meta`` (the same plus cu_seqlens_cpu and max_seqlen: no read), each with
-``validate="values"`` (default: the gates check syncs) and ``"shapes"``.
+``validate="values"`` (default: the gates check syncs) and ``"shapes"``. Against an older
+nsa_ref without those arguments (the "before" run: ``PYTHONPATH=<old checkout>``), the variants
+and levels it cannot express are left out and its default is recorded as ``validate="default"``.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def measure(args, T: int, variant: str, validate: str, mode: str) -> dict:
     import torch
 
     from nsa_ref import NSAConfig, nsa_attention
-    from nsa_ref.packing import cu_seqlens_from_lengths
+    from nsa_ref.varlen import cu_seqlens_from_lengths  # in old and new checkouts alike
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -69,7 +71,7 @@ def measure(args, T: int, variant: str, validate: str, mode: str) -> dict:
                for h in (args.hq, args.hkv, args.hkv))
     gates = torch.rand(T, args.hq, 3, device="cuda", dtype=dtype, generator=gen)
     cfg = NSAConfig()
-    kw = dict(backend=args.backend, validate=validate)
+    kw = dict(backend=args.backend) if validate == "default" else dict(backend=args.backend, validate=validate)
     if variant != "none":
         kw["cu_seqlens"] = cu_seqlens_from_lengths([T], device="cuda")
     if variant == "host_meta":
@@ -123,8 +125,15 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("host_overhead: no CUDA device here; nothing measured")
         return 0
+    import inspect
+
+    from nsa_ref import nsa_attention
+
+    params = inspect.signature(nsa_attention).parameters
+    levels = VALIDATE if "validate" in params else ("default",)
+    variants = [v for v in args.variants if v != "host_meta" or "cu_seqlens_cpu" in params]
     rows = [measure(args, T, variant, validate, mode)
-            for T in args.T for mode in args.modes for variant in args.variants for validate in VALIDATE]
+            for T in args.T for mode in args.modes for variant in variants for validate in levels]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "host_overhead.json"
     path.write_text(json.dumps({"config": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},

@@ -50,6 +50,9 @@ class PagedView:
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     lengths: tuple[int, ...]
+    #: The preallocated layout: one page per sequence, block_table[b, 0] = b (then k_pages is
+    #: FA-2's dense k_cache (B, capacity, H, D)). Known from the host copy of the table.
+    dense: bool = False
 
     @property
     def page_size(self) -> int:
@@ -165,7 +168,9 @@ class PagedKV:
         return self.max_pages * self.page_size
 
     def view(self) -> PagedView:
-        return PagedView(self.k_pages, self.v_pages, self.block_table, self.cache_seqlens, tuple(self.lengths))
+        dense = self.max_pages == 1 and self.num_pages == self.batch_size and \
+            all(row[0] == b for b, row in enumerate(self._table))
+        return PagedView(self.k_pages, self.v_pages, self.block_table, self.cache_seqlens, tuple(self.lengths), dense)
 
     # -- table ------------------------------------------------------------------------------
     def set_block_table(self, block_table: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
-"""``python -m conformance ...`` is the ``nsa-fa2`` command (see ``conformance.cli``)."""
+"""``python -m conformance ...`` is the ``nsa-fa2`` command (see ``conformance.tools.cli``)."""
 import sys
 
-from conformance.cli import main
+from conformance.tools.cli import main
 
 sys.exit(main())

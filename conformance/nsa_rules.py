@@ -3,7 +3,7 @@
 Every conformance test names the rule(s) it checks with ``@pytest.mark.nsa_rule("NSA-...")`` and
 every failure message starts with ``[NSA-...]``, so a failure says which rule broke and the
 per-rule report (``nsa-fa2 check --impl`` / ``pytest --nsa-report``) groups results by rule.
-``Documentation/nsa_conformance_rules.md`` is generated from this table (``conformance.docs``).
+``Documentation/nsa_conformance_rules.md`` is generated from this table (``conformance.tools.docs``).
 
 The rules restate ``nsa_spec.md`` (the reading this project pins) in one line each, plus the
 conventions an implementation must follow to be compared at all (layouts, lse convention).

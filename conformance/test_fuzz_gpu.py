@@ -1,4 +1,4 @@
-"""GPU: differential fuzzing of the FA-2 contract against both providers' kernels (conformance.fuzz).
+"""GPU: differential fuzzing of the FA-2 contract against both providers' kernels (conformance.tools.fuzz).
 
     python -m pytest conformance/test_fuzz_gpu.py -m gpu -q                           # ci profile, ~1 min
     NSA_FUZZ_PROFILE=device python -m pytest conformance/test_fuzz_gpu.py -m gpu -q   # >= 2000 cases, ~5 min
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _providers() -> list[str]:
-    from conformance.probes._common import BOTH, provider_usable
+    from conformance.tools.probes._common import BOTH, provider_usable
 
     required = [p for p in os.environ.get("NSA_REQUIRE_PROVIDERS", "").split(",") if p]
     usable = [p for p in BOTH if provider_usable(p) is None]
@@ -34,8 +34,8 @@ def _providers() -> list[str]:
 
 
 def test_contract_against_the_kernels():
-    from conformance import fuzz
-    from conformance.envinfo import collect
+    from conformance.tools import fuzz
+    from conformance.tools.envinfo import collect
 
     profile = fuzz.profile_from_env()
     summary, records = fuzz.run_fuzz(profile, _providers())

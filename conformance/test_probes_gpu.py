@@ -19,13 +19,13 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[1]
-from conformance.probes._common import KERNEL_FAILURES
+from conformance.tools.probes._common import KERNEL_FAILURES
 
 
 @pytest.fixture(scope="module")
 def probe_report(tmp_path_factory):
     out = Path(os.environ.get("NSA_PROBES_OUT") or tmp_path_factory.mktemp("fa2_harden"))
-    cmd = [sys.executable, "-m", "conformance.probes.runner", "--out", str(out),
+    cmd = [sys.executable, "-m", "conformance.tools.probes.runner", "--out", str(out),
            "--jobs", os.environ.get("NSA_PROBES_JOBS", "4"), "--timeout", "300"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     print(res.stdout[-6000:])
@@ -34,7 +34,7 @@ def probe_report(tmp_path_factory):
 
 
 def test_every_probe_run_has_a_classified_outcome(probe_report):
-    from conformance.probes.runner import discover
+    from conformance.tools.probes.runner import discover
 
     expected = {(i.name, p, v) for i in discover() for p in i.providers for v in i.variants}
     got = {(r["probe"], r["provider"], r["variant"]) for r in probe_report["results"]}

@@ -28,7 +28,7 @@ def _threshold(branch: str, head_dim: int) -> int:
 @pytest.mark.parametrize("T", GATE_TS)
 @pytest.mark.parametrize("branch", ["win", "cmp"])
 def test_fa2_beats_sdpa(benchmark, branch, T):
-    from conformance.bench import build_case, time_cuda
+    from conformance.tools.bench import build_case, time_cuda
     from nsa_ref.config import NSAConfig
     from nsa_ref.fa2 import available_providers
 

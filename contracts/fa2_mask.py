@@ -14,7 +14,7 @@ semantics"), with ``max_q`` / ``max_k`` the call's max_seqlen (the dense lengths
 ``first_differing_row`` compares two windows on host ints only (no tensor the size of the mask),
 so contract rules can ask "does the normalisation change which keys some row sees" cheaply.
 
-The emulator (nsa_ref.fa2.emulate), the probes (conformance/probes/_common.py) and the contract
+The emulator (nsa_ref.fa2.emulate), the probes (conformance/tools/probes/_common.py) and the contract
 rules (contracts/rules.py) all use this module.
 """
 from __future__ import annotations

@@ -228,7 +228,7 @@ class GuardRecommendation(BaseModel):
     needs one host copy of the index tensors per call. ``versions``: comma-separated bounds on the
     provider's version ("all", ">=2.7.3", "<=2.8.3", ">=2.13"). ``archs``: "sm86"-style names where
     the class exists; empty = every arch. ``evidence``: where the crash/corruption was seen and the
-    probe that reproduces it (``conformance/probes/<name>.py``).
+    probe that reproduces it (``conformance/tools/probes/<name>.py``).
     """
 
     model_config = ConfigDict(frozen=True)

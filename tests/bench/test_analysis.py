@@ -4,7 +4,7 @@ import csv
 import pytest
 import yaml
 
-from conformance import analysis, bench
+from conformance.tools import analysis, bench
 from nsa_ref import router
 from nsa_ref.fa2 import thresholds
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conformance import cli
+from conformance.tools import cli
 
 CUDA = torch.cuda.is_available()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conformance import cli
+from conformance.tools import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,5 +78,5 @@ def test_help_and_version_exit_0(capsys):
 def test_console_script_points_at_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, func = scripts["nsa-fa2"].split(":")
-    assert (module, func) == ("conformance.cli", "main")
+    assert (module, func) == ("conformance.tools.cli", "main")
     assert (ROOT / "conformance" / "__main__.py").exists()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conformance import cli
+from conformance.tools import cli
 
 PROBE_OK = '''"""Exits with 3 and prints its arguments."""
 import sys

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance import cli, rule_report
+from conformance import rule_report
+from conformance.tools import cli
 from conformance.impl import build
 from conformance.nsa_rules import RULES
 

@@ -44,10 +44,10 @@ PROBE_MENTION = re.compile(r"nsa-fa2 repro ([a-z_][a-z0-9_]*)")
 
 
 def test_probes_named_in_the_docs_exist():
-    probes = ROOT / "conformance" / "probes"
+    probes = ROOT / "conformance" / "tools" / "probes"
     if not probes.is_dir():
-        pytest.skip("conformance/probes/ is not in this checkout yet")
+        pytest.skip("conformance/tools/probes/ is not in this checkout yet")
     named = {name for doc in DOCS for name in PROBE_MENTION.findall((ROOT / doc).read_text(encoding="utf-8"))}
     missing = sorted(n for n in named if not (probes / f"{n}.py").is_file())
     assert named, "the docs name probes to reproduce the crash rules"
-    assert not missing, f"the docs name probes that conformance/probes/ does not have: {missing}"
+    assert not missing, f"the docs name probes that conformance/tools/probes/ does not have: {missing}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance import docs
+from conformance.tools import docs
 from conformance.nsa_rules import RULES as NSA_RULES
 from contracts import RULES
 from nsa_ref.settings import NSASettings
@@ -20,7 +20,7 @@ def test_committed_docs_equal_the_regenerated_ones():
         committed, regenerated = docs.regenerate(doc)
         assert committed == regenerated, (
             f"{doc}: a generated block differs from its data (contracts.RULES, NSASettings or "
-            "artifacts/**/env.json); run `python -m conformance.docs` and commit the result"
+            "artifacts/**/env.json); run `python -m conformance.tools.docs` and commit the result"
         )
 
 
@@ -32,7 +32,7 @@ def test_committed_nsa_rules_document_equals_the_generated_one():
     committed, generated = docs.regenerate_file(docs.NSA_RULES_DOC)
     assert committed == generated, (
         f"{docs.NSA_RULES_DOC} differs from conformance.nsa_rules (or the slot, config or capability "
-        "fields it lists); run `python -m conformance.docs` and commit the result"
+        "fields it lists); run `python -m conformance.tools.docs` and commit the result"
     )
 
 

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PROBES_DIR = REPO / "conformance" / "probes"
+PROBES_DIR = REPO / "conformance" / "tools" / "probes"
 PROBE_NAMES = sorted(p.stem for p in PROBES_DIR.glob("*.py") if p.stem not in {"__init__", "_common", "runner"})
 
 
 def probe_module(name: str):
-    return importlib.import_module(f"conformance.probes.{name}")
+    return importlib.import_module(f"conformance.tools.probes.{name}")
 
 
 def cpu_env() -> dict:

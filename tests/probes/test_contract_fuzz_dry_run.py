@@ -1,4 +1,4 @@
-"""conformance/device/contract_fuzz.py on the CPU (--dry-run: a stand-in kernel): drawing calls over
+"""conformance/tools/device/contract_fuzz.py on the CPU (--dry-run: a stand-in kernel): drawing calls over
 every entry point, verdicts per broken thing, the reference, classification, worker restarts, outputs."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("contract_fuzz", ROOT / "conformance" / "device" / "contract_fuzz.py")
+_spec = importlib.util.spec_from_file_location("contract_fuzz", ROOT / "conformance" / "tools" / "device" / "contract_fuzz.py")
 CF = importlib.util.module_from_spec(_spec)
 sys.modules["contract_fuzz"] = CF  # dataclasses look their module up there
 _spec.loader.exec_module(CF)
@@ -111,7 +111,7 @@ def test_dry_run_writes_csv_json_and_ends_with_the_table(tmp_path, capsys):
 
 def test_reference_agrees_with_the_probes_reference():
     """Without softcap / ALiBi the fuzzer's reference is the probes' one (dense, varlen, kvcache)."""
-    from conformance.probes import _common as C
+    from conformance.tools.probes import _common as C
 
     rng = random.Random(11)
     checked = {"dense": 0, "varlen": 0, "kvcache": 0}

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conformance import fuzz
-from conformance.probes import _common as C
+from conformance.tools import fuzz
+from conformance.tools.probes import _common as C
 
 
 def _varlen(**kw) -> fuzz.FuzzCase:

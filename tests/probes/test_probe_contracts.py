@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from contracts import RULES, FA2ContractError, guarded
-from conformance.probes import _common as C
+from conformance.tools.probes import _common as C
 from probes_testkit import PROBE_NAMES, probe_cases, probe_module
 
 CASES = probe_cases()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conformance.probes import _common as C
+from conformance.tools.probes import _common as C
 from probes_testkit import probe_module
 
 

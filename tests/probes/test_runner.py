@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conformance.probes import runner
+from conformance.tools.probes import runner
 from probes_testkit import PYTHON, REPO, cpu_env
 
 
@@ -115,9 +115,17 @@ def test_full_runner_run_without_cuda(tmp_path):
     """Every probe through the runner (about 35 s on 2 cores; deselected by default: -m slow)."""
     import subprocess
 
-    res = subprocess.run([sys.executable, "-m", "conformance.probes.runner", "--out", str(tmp_path), "--jobs", "2"],
+    res = subprocess.run([sys.executable, "-m", "conformance.tools.probes.runner", "--out", str(tmp_path), "--jobs", "2"],
                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "fa2_probes.json").read_text())
     assert {r["outcome"] for r in report["results"]} <= {"skipped", "not_applicable"}
     assert all(r["contract_strict"] or r["outcome"] == "not_applicable" or r["exploratory"] for r in report["results"])
+
+
+def test_one_name_for_how_a_child_ended():
+    from conformance.tools.subprocesses import how_it_ended, signal_name
+
+    assert signal_name(-11) == "SIGSEGV" and signal_name(-6) == "SIGABRT"
+    assert signal_name(-999) == "signal 999"
+    assert how_it_ended(0) == "exit 0" and how_it_ended(3) == "exit 3" and how_it_ended(-9) == "SIGKILL"

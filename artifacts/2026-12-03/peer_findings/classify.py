@@ -1,7 +1,7 @@
 """Map every failure of the H200 peer runs to the finding (FINDINGS.md) that explains it.
 
     python artifacts/2026-12-03/peer_findings/classify.py DIR     (DIR: the unpacked shards.tar.gz of
-                                                                   conformance/device/peer_suite.sh)
+                                                                   conformance/tools/device/peer_suite.sh)
 
 Reads each shard's junit.xml, assigns each failed test to a finding by its test name, parameters
 and failure message (rules below, first match wins), prints counts per finding and every failure

@@ -1,7 +1,7 @@
 """Minimal GPU repros of the differences the H200 runs of the suite found (bf16, CUDA kernels).
 
 Run from the repository root on a CUDA machine with flash_attn, fla-core and a checkout of
-native-sparse-attention-triton on PYTHONPATH (conformance/device/peer_suite.sh sets that up):
+native-sparse-attention-triton on PYTHONPATH (conformance/tools/device/peer_suite.sh sets that up):
 
     python artifacts/2026-12-03/peer_findings/gpu_repros.py
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
+# GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
+#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz] [extra bench args...]
+set -uo pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-/tmp/nsa_out}; mkdir -p "$OUT"
+if [ ! -d .device-wheels ]; then
+  echo "gpu_run.sh: needs .device-wheels/ (pydantic + flash_attn wheels for the GPU image; see the" >&2
+  echo "  README's GPU section), or run the same steps with flash-attn installed: pip install -e '.[test,flash]'" >&2
+  exit 2
+fi
+mkdir -p /tmp/site
+tar -xJf .device-wheels/flash_attn-*.tar.xz -C /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device-wheels/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+python3 -m conformance.tools.envinfo > "$OUT/env.json"; cat "$OUT/env.json"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+if [ "$what" = pytest ] || [ "$what" = all ]; then
+  NSA_REQUIRE_PROVIDERS=flash_attn,torch NSA_PARITY_REPORT="$OUT/gpu_parity.json" \
+    timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest ${PYTEST_TARGET:-conformance} -m gpu -q -p no:cacheprovider --maxfail=20 \
+    --junitxml="$OUT/gpu_junit.xml" 2>&1 | tee "$OUT/gpu_pytest.log" | tail -40
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout "${BENCH_TIMEOUT:-540}" python3 -m conformance.tools.bench --out "$OUT/bench" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^W1"
+fi
+if [ "$what" = probes ]; then
+  timeout "${PROBES_TIMEOUT:-240}" python3 -m conformance.tools.probes.runner --out "$OUT/fa2_harden" --jobs 4 --timeout 200 2>&1 | tee "$OUT/probes.log" | tail -45
+fi
+if [ "$what" = fuzz ]; then
+  timeout "${FUZZ_TIMEOUT:-330}" python3 -m conformance.tools.fuzz --profile device --out "$OUT/fuzz" 2>&1 | tee "$OUT/fuzz.log" | tail -30
+fi
+if [ "$what" = contract_fuzz ]; then
+  # Every entry point of both providers, >= 10,000 calls; kernels stop at --budget, outputs are written after.
+  timeout "${CONTRACT_FUZZ_TIMEOUT:-500}" python3 conformance/tools/device/contract_fuzz.py \
+    --calls "${CONTRACT_FUZZ_CALLS:-12000}" --workers "${CONTRACT_FUZZ_WORKERS:-4}" --budget "${CONTRACT_FUZZ_BUDGET:-360}" \
+    --out "$OUT/contract_fuzz" 2>&1 | tee "$OUT/contract_fuzz.log" | tail -40
+fi

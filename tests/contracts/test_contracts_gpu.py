@@ -109,9 +109,10 @@ def _provider_params(cases):
 def test_legal_calls_run(case, provider):
     if provider == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash_attn not installed")
+    call = CALLERS[provider](case)  # skips where the provider has no entry point for this call
     cuda_args = {n: _cuda(v) for n, v in case.args.items()}
     assert Case(case.kind, cuda_args, extra=case.extra).reasons(provider=provider) == [], "contract must agree first"
-    CALLERS[provider](case)()
+    call()
     torch.cuda.synchronize()
 
 

@@ -249,7 +249,7 @@ def test_timing_script_runs_and_both_decoders_agree(capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "conformance" / "device" / "decode_step_timing.py"
+    path = Path(__file__).resolve().parents[2] / "conformance" / "tools" / "device" / "decode_step_timing.py"
     spec = importlib.util.spec_from_file_location("decode_step_timing", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -95,3 +95,19 @@ def test_validate_shapes_skips_the_value_checks():
     nsa_attention(q, k, v, bad, CFG, validate="shapes")  # the caller's responsibility now
     with pytest.raises(ValueError, match="validate must be one of"):
         nsa_attention(q, k, v, gates, CFG, validate="some")
+
+
+@pytest.mark.parametrize("lengths", [[0, 5, 40, 0, 97], [31], [1025, 7], []])
+def test_compressed_offsets_built_by_kernels_equal_the_host_ones(lengths):
+    """On a GPU cu_seqlens_cmp is computed by kernels from the device offsets (a host -> GPU copy
+    would sync); the formula must give the host offsets exactly (run here on the CPU)."""
+    from nsa_ref import NSAConfig
+    from nsa_ref.packing import Packing, cu_seqlens_from_lengths
+
+    for cfg in (NSAConfig(), NSAConfig(block_len=8, block_stride=4, sel_block=16, n_sel=3, n_init=1, n_local=1,
+                                       window=16)):
+        packed = Packing(cu_seqlens_from_lengths(lengths), sum(lengths))
+        assert packed._cmp_cu_on_device(cfg, torch.device("cpu")).tolist() == packed.cmp_offsets(cfg)
+        if lengths:
+            one = Packing(None, sum(lengths))
+            assert one._cmp_cu_on_device(cfg, torch.device("cpu")).tolist() == one.cmp_offsets(cfg)

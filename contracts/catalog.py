@@ -374,9 +374,11 @@ RULES: dict[str, Rule] = _rules(
         kind="clean-error",
         applies_to=ALL,
         source="iface signatures per release: softcap and return_softmax_lse since 2.6.0, cache_leftpad since 2.6.1, varlen "
-               "block_table since 2.5.7; torch's op: no softcap, block_table from torch 2.13",
+               "block_table since 2.5.7; torch's op: no softcap, no alibi_slopes (its FA-2 build refuses them: 'This flash "
+               "attention build does not support alibi', H200 fuzz 2026-12-03), block_table from torch 2.13",
         symptom="TypeError 'unexpected keyword argument', or a positional argument landing in another parameter",
-        fix="drop the argument (softcap=0, no block_table / cache_leftpad) or upgrade the provider",
+        fix="drop the argument (softcap=0, no block_table / cache_leftpad; torch: no alibi_slopes, use the flash_attn "
+            "package for ALiBi) or upgrade the provider",
     ),
     # --- what the kernels do not check -----------------------------------------------------------
     Rule(

@@ -638,6 +638,8 @@ def _unsupported(c: CallFacts) -> list[str]:
     bad = []
     if not spec.supports_softcap and (c.softcap or "softcap" in given):
         bad.append("softcap")
+    if not spec.supports_alibi and c.alibi is not None:
+        bad.append("alibi_slopes")
     if c.kind == "varlen" and not spec.supports_varlen_block_table and c.block_table is not None:
         bad.append("block_table")
     if c.kind == "kvcache":

@@ -88,6 +88,9 @@ class ProviderSpec(BaseModel):
     supports_varlen_block_table: bool = True
     supports_return_softmax_lse: bool = True
     supports_cache_leftpad: bool = True
+    # torch's vendored FA-2 is built without ALiBi (refuses alibi_slopes: "This flash attention build
+    # does not support alibi.", measured with torch 2.11 on the H200, contract fuzz 2026-12-03).
+    supports_alibi: bool = True
     # All four of the above (one attribute read on the hot path); set by the spec builders.
     supports_all_arguments: bool = True
     # flash_attn < 2.7.3 refuses some backwards off sm80/sm90 (versions.BWD_ARCH_CHECK_SINCE).
@@ -177,6 +180,7 @@ def _torch_spec(version: str) -> ProviderSpec:
         fixes_last_dim_stride=False,
         masks_return_softmax=False,
         supports_softcap=False,
+        supports_alibi=False,
         supports_varlen_block_table=v >= (2, 13),
         supports_all_arguments=False,
         dense_empty_batch_ok=v >= (2, 10),

@@ -73,6 +73,18 @@ def test_unsupported_arguments():
     guarded(lambda *x, **y: None, "dense", provider="flash_attn==2.6.0")(a["q"], a["k"], a["v"], softcap=0.0)
 
 
+def test_torch_refuses_alibi():
+    """torch's FA-2 build refuses alibi_slopes (H200 2026-12-03, torch 2.11: 'This flash attention
+    build does not support alibi.'); the flash_attn package takes them."""
+    a = dense_inputs()
+    slopes = torch.ones(a["q"].shape[2], dtype=torch.float32, device=a["q"].device)
+    torch_reasons = dense_reasons(**a, alibi_slopes=slopes, provider="torch==2.11.0")
+    assert [r.rule for r in torch_reasons] == ["FA2-ARG-UNSUPPORTED"], torch_reasons
+    assert "alibi_slopes given" in torch_reasons[0].message
+    assert dense_reasons(**a, alibi_slopes=slopes, provider="flash_attn==2.8.3") == []
+    assert dense_reasons(**a, provider="torch==2.11.0") == []
+
+
 @pytest.mark.parametrize("version, d, dropout, refused", [
     ("2.5.0", 200, 0.0, True),   # d > 192 always
     ("2.5.5", 224, 0.0, True),   # (192, 224] always

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -67,9 +68,14 @@ class NSAConfig(BaseModel):
         """Softmax scale for keys of width ``head_dim``: ``scale`` or ``1/sqrt(head_dim)``."""
         return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
 
-    def num_cmp_blocks(self, seqlen: int) -> int:
-        """Tc: compression blocks [i*d, i*d + l) that fit in ``seqlen`` tokens; 0 when seqlen < l."""
+    def num_cmp_blocks(self, seqlen):
+        """Tc: compression blocks [i*d, i*d + l) that fit in ``seqlen`` tokens; 0 when seqlen < l.
+
+        ``seqlen``: an int, or an integer tensor of lengths (elementwise, computed by kernels on its
+        device: no host read)."""
         l, d = self.block_len, self.block_stride
+        if isinstance(seqlen, torch.Tensor):
+            return ((seqlen - l).div(d, rounding_mode="floor") + 1).clamp_min(0)
         return 0 if seqlen < l else (seqlen - l) // d + 1
 
     def num_sel_blocks(self, seqlen: int) -> int:

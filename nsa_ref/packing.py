@@ -173,7 +173,7 @@ class Packing:
     def _cmp_cu_on_device(self, cfg: "NSAConfig", device: torch.device) -> torch.Tensor:
         """cu_seqlens_cmp (B+1,) int32 computed by kernels on ``device`` from the device offsets
         (or, for one sequence, from T): a copy of host ints to a GPU would synchronise the host.
-        Tc_b = floor((T_b - l) / d) + 1 if T_b >= l else 0, as ``NSAConfig.num_cmp_blocks``."""
+        Tc_b by ``NSAConfig.num_cmp_blocks`` on the device lengths."""
         if self.cu_seqlens is not None and self.cu_seqlens.device == device:
             cu = self.cu_seqlens.to(torch.int64)
             lengths = cu[1:] - cu[:-1]
@@ -181,9 +181,7 @@ class Packing:
             lengths = torch.full((1,), self.total, dtype=torch.int64, device=device)
         else:  # offsets on another device: one host -> device copy of the host offsets
             return torch.tensor(self.cmp_offsets(cfg), dtype=torch.int32, device=device)
-        l, d = int(cfg.block_len), int(cfg.block_stride)
-        blocks = torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1,
-                             torch.zeros_like(lengths))
+        blocks = cfg.num_cmp_blocks(lengths)
         out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
         out[1:] = torch.cumsum(blocks, 0).to(torch.int32)
         return out

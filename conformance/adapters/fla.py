@@ -338,31 +338,24 @@ def mean_pooling_standin(x: torch.Tensor, chunk_size: int, cu_seqlens: torch.Ten
     return torch.cat(parts)[None] if parts else x.new_zeros((1, 0, *x.shape[2:]))
 
 
-def _fa2_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, left: int, right: int) -> torch.Tensor:
+def _fa2_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+             window_size: tuple[int, int], max_q: int | None = None, max_k: int | None = None) -> torch.Tensor:
     """FA-2 attention of one sequence: ``q (Tq, Hq, D)``, ``k (Tk, Hkv, D)``, ``v (Tk, Hkv, Dv)`` -> ``(Tq, Hq, Dv)``.
 
-    Query i attends key j iff ``i + Tk - Tq - left <= j <= i + Tk - Tq + right`` (a negative
-    side is unbounded); GQA head h uses KV head h // G; fp32 arithmetic; a row with no key is 0."""
+    The mask is FA-2's own (``contracts.fa2_mask``: bottom-right aligned, causal = right window 0,
+    the window normalised with the call's max_seqlen); GQA head h uses KV head h // G; fp32
+    arithmetic; a row with no key is 0."""
+    from contracts.fa2_mask import fa2_mask
+
     Tq, Hq, _ = q.shape
     Tk, Hkv, _ = k.shape
     G = Hq // Hkv
     kf, vf = k.float().repeat_interleave(G, dim=1), v.float().repeat_interleave(G, dim=1)
     logits = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
-    i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
-    j = torch.arange(Tk, device=q.device)[None, :]
-    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
-    if left >= 0:
-        allowed &= j >= i - left
-    if right >= 0:
-        allowed &= j <= i + right
+    allowed = fa2_mask(Tq, Tk, causal, tuple(window_size), max_q, max_k, device=q.device)
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     probs = probs.masked_fill(~allowed.any(dim=-1)[:, None], 0.0)  # FA-2: a row with no key is 0
     return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype)
-
-
-def _fa2_window(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
-    left, right = window_size
-    return left, (0 if causal else right)  # FA-2: causal means right = 0
 
 
 def flash_attn_func_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -376,8 +369,7 @@ def flash_attn_func_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     if dropout_p:
         raise NotImplementedError("flash_attn stand-in: dropout is not modelled")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    left, right = _fa2_window(causal, window_size)
-    return torch.stack([_fa2_one(q[b], k[b], v[b], scale, left, right) for b in range(q.shape[0])]) \
+    return torch.stack([_fa2_one(q[b], k[b], v[b], scale, causal, window_size) for b in range(q.shape[0])]) \
         if q.shape[0] else q.new_zeros((*q.shape[:3], v.shape[-1]))
 
 
@@ -394,13 +386,12 @@ def flash_attn_varlen_func_standin(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if dropout_p:
         raise NotImplementedError("flash_attn stand-in: dropout is not modelled")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    left, right = _fa2_window(causal, window_size)
     out = q.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
     cq, ck = [int(x) for x in cu_seqlens_q.tolist()], [int(x) for x in cu_seqlens_k.tolist()]
     for b in range(len(cq) - 1):
         if cq[b + 1] > cq[b]:
             out[cq[b]:cq[b + 1]] = _fa2_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
-                                            scale, left, right)
+                                            scale, causal, window_size, max_seqlen_q, max_seqlen_k)
     return out
 
 

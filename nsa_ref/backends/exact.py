@@ -25,22 +25,24 @@ class _NeverRefuses:
         return RuntimeError(f"{self.name} refused {branch}: {why}")
 
 
-class ReferenceBackend(_NeverRefuses):
+class _AttentionModule(_NeverRefuses):
+    """A backend whose three branches are one module's ``{branch}_attention`` functions."""
+
+    branches = ("cmp", "sel", "win")
+    functions: dict = {}
+
+    def run(self, route, branch: str, args: tuple, cu_seqlens):
+        return self.functions[branch](*args, cu_seqlens)
+
+
+class ReferenceBackend(_AttentionModule):
     name, label = "reference", "reference"
-    branches = ("cmp", "sel", "win")
-
-    def run(self, route, branch: str, args: tuple, cu_seqlens):
-        fn = {"cmp": reference.cmp_attention, "sel": reference.sel_attention, "win": reference.win_attention}[branch]
-        return fn(*args, cu_seqlens)
+    functions = {"cmp": reference.cmp_attention, "sel": reference.sel_attention, "win": reference.win_attention}
 
 
-class SdpaBackend(_NeverRefuses):
+class SdpaBackend(_AttentionModule):
     name, label = "sdpa", "SDPA"
-    branches = ("cmp", "sel", "win")
-
-    def run(self, route, branch: str, args: tuple, cu_seqlens):
-        fn = {"cmp": sdpa.cmp_attention, "sel": sdpa.sel_attention, "win": sdpa.win_attention}[branch]
-        return fn(*args, cu_seqlens)
+    functions = {"cmp": sdpa.cmp_attention, "sel": sdpa.sel_attention, "win": sdpa.win_attention}
 
 
 class TorchSelection(_NeverRefuses):

@@ -17,7 +17,7 @@ from nsa_ref.inputs import (
     check_block_idx, check_cfg, check_cmp_len, check_cu, check_gates, check_heads, check_lse, check_tensor,
     check_tokens, check_validate,
 )
-from nsa_ref.settings import NSASettings, current_settings
+from nsa_ref.settings import NSASettings
 
 __all__ = ["compress", "cmp_attention", "select_blocks", "sel_attention", "win_attention", "nsa_attention"]
 
@@ -27,15 +27,14 @@ __all__ = ["compress", "cmp_attention", "select_blocks", "sel_attention", "win_a
 def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple,
                 settings: NSASettings | None = None):
     """Ask the router where ``branch`` runs and run it there with ``args`` (q first, cfg last)."""
-    settings = settings or current_settings()
     route = router.choose(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens, settings=settings)
-    with telemetry.timed(branch, route.path, q, settings.debug_timing):
+    with telemetry.timed(branch, route.path, q, route.debug_timing):
         result = route.run(args, cu_seqlens)
-    if settings.sdpa_audit and route.path != "sdpa" and branch != "select":
+    if route.audit_rows and route.path != "sdpa" and branch != "select":
         from nsa_ref.audit import audit_against_sdpa
 
         out = result[0] if isinstance(result, tuple) else result
-        audit_against_sdpa(branch, route.path, args, cu_seqlens, out, settings.sdpa_audit_rows)
+        audit_against_sdpa(branch, route.path, args, cu_seqlens, out, route.audit_rows)
     return result
 
 

@@ -35,7 +35,9 @@ _KERNEL_WORD = {"cmp": "cmp", "sel": "sel", "win": "win", "select": "selection"}
 @dataclass(frozen=True)
 class Route:
     """Where a branch call runs and why; ``provider``, ``pref_fp16`` and ``plan`` (the checked
-    ``nsa_ref.fa2.calls.FA2Plan``) are set for the fa2 path."""
+    ``nsa_ref.fa2.calls.FA2Plan``) are set for the fa2 path. ``debug_timing`` and ``audit_rows``
+    (0: no SDPA audit) are the settings' instructions for watching the run, copied here so that the
+    caller reads no settings object after the decision."""
 
     branch: str
     path: str
@@ -43,6 +45,8 @@ class Route:
     provider: object | None = None
     pref_fp16: bool = False
     plan: Any = None
+    debug_timing: bool = False
+    audit_rows: int = 0
 
     def run(self, args: tuple, cu_seqlens):
         """Run the branch on this route: args as the public branch function takes them."""
@@ -145,12 +149,13 @@ def decide(branch: str, backend: str = "auto", *, q, k, v, cfg, cu_seqlens=None,
            settings: NSASettings | None = None) -> Route:
     """``choose`` without the telemetry record (for a caller that records what it then runs)."""
     _check_names(branch, backend)
-    s = settings or current_settings()
+    s = current_settings() if settings is None else settings
     call = BranchCall(branch, q, k, v, cfg, cu_seqlens, s, _TensorDevice(q))
     taken, reason = _walk(call, backend)
+    watch = {"debug_timing": s.debug_timing, "audit_rows": s.sdpa_audit_rows if s.sdpa_audit else 0}
     if taken.name == "fa2":
-        return Route(branch, "fa2", reason, call.memo["provider"], s.fa2_pref_fp16, call.memo["plan"])
-    return Route(branch, taken.name, reason)
+        return Route(branch, "fa2", reason, call.memo["provider"], s.fa2_pref_fp16, call.memo["plan"], **watch)
+    return Route(branch, taken.name, reason, **watch)
 
 
 def choose(branch: str, backend: str = "auto", *, q, k, v, cfg, cu_seqlens=None,
@@ -162,9 +167,51 @@ def choose(branch: str, backend: str = "auto", *, q, k, v, cfg, cu_seqlens=None,
     Raises FA2Unavailable / TritonUnavailable when backend='fa2' / 'triton' is asked for and
     cannot run; 'auto' falls back (Triton -> FA-2 -> SDPA; select: Triton -> torch) and says why.
     """
-    route = decide(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens, settings=settings)
+    s = current_settings() if settings is None else settings
+    key = _call_key(branch, backend, q, k, v, cfg, cu_seqlens, s)
+    if _compiling():
+        # Inside a graph torch.compile traces: take the decision made eagerly for this very call
+        # (the backends' checks build pydantic models and meta tensors, which dynamo cannot trace
+        # on the CUDA path); without one, decide in the trace (what the CPU paths can do).
+        known = _decided.get(key)
+        if known is not None and known[0] is cfg and known[1] is s:
+            return known[2]
+        return decide(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens, settings=s)
+    route = decide(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens, settings=s)
+    if len(_decided) >= _DECIDED_MAX:
+        _decided.clear()
+    _decided[key] = (cfg, s, route)  # cfg and s kept alive: their ids in the key stay theirs
     telemetry.record(branch, route.path, route.reason)
     return route
+
+
+# --- decisions remembered for torch.compile -------------------------------------------------------
+
+#: call key -> (cfg, settings, Route) of the last eager decision for that call (bounded).
+_decided: dict[tuple, tuple] = {}
+_DECIDED_MAX = 1024
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _call_key(branch, backend, q, k, v, cfg, cu_seqlens, settings) -> tuple:
+    """Everything a decision reads, as plain values: names, the config and settings objects (by
+    identity: both are frozen), shapes, strides, dtypes, device, whether a backward follows, and
+    the packing's host offsets. Reads nothing from the device."""
+    packed = cu_seqlens is not None and getattr(cu_seqlens, "is_packed", True)
+    packing = (tuple(cu_seqlens.offsets), cu_seqlens.max_seqlen) if packed and hasattr(cu_seqlens, "offsets") else (
+        (tuple(cu_seqlens.shape), cu_seqlens.dtype) if packed else None)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (branch, backend, id(cfg), id(settings), q.device, q.dtype, k.dtype, v.dtype,
+            tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(), k.stride(), v.stride(), training,
+            packing)
+
+
+def forget_decisions() -> None:
+    """Drop the remembered decisions (tests that change what the backends see mid-process)."""
+    _decided.clear()
 
 
 # --- the same policy for a device described, not present -----------------------------------------
@@ -208,7 +255,7 @@ class DeviceFacts:
         from nsa_ref import fa2
 
         device = torch.device(device)
-        s = settings or current_settings()
+        s = current_settings() if settings is None else settings
         provider = fa2.resolve_provider(s.fa2_provider)
         return cls(
             device_type=device.type,
@@ -252,7 +299,7 @@ def expected_path(branch: str, backend: str = "auto", *, device: DeviceFacts, dt
     FA2Unavailable / TritonUnavailable (with the same message) where ``choose`` would.
     """
     _check_names(branch, backend)
-    s = settings or current_settings()
+    s = current_settings() if settings is None else settings
     dk, dv = head_dims
     hq, hkv = heads
 

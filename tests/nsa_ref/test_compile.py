@@ -53,3 +53,34 @@ def test_compiled_gate_check_is_a_device_assert():
     with pytest.raises(RuntimeError, match=r"gates must lie in \[0, 1\]"):
         compiled(q, k, v, gates + 1.0)
     telemetry.reset()
+
+
+def test_fullgraph_takes_the_eager_route_decisions(monkeypatch):
+    """Under torch.compile the router answers from the decisions made eagerly for the same call
+    (on the CUDA path dynamo cannot trace the backends' checks): with decide() disabled during the
+    trace, a compile after one eager call still succeeds and matches."""
+    from nsa_ref import router
+
+    torch._dynamo.reset()
+    q, k, v, gates = _inputs()
+    want = nsa_attention(q, k, v, gates, CFG)  # eager: every branch decided and remembered
+
+    def no_decide(*args, **kwargs):
+        raise AssertionError("decide() ran inside the trace although an eager decision existed")
+
+    monkeypatch.setattr(router, "decide", no_decide)
+    compiled = torch.compile(lambda *x: nsa_attention(*x, CFG), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, k, v, gates), want)
+
+
+def test_eager_calls_still_decide_every_time(monkeypatch):
+    """Remembering is for the trace only: an eager call re-decides (settings read per call)."""
+    from nsa_ref import router
+
+    q, k, v, gates = _inputs()
+    nsa_attention(q, k, v, gates, CFG)
+    calls = []
+    real = router.decide
+    monkeypatch.setattr(router, "decide", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    nsa_attention(q, k, v, gates, CFG)
+    assert sorted(calls) == ["cmp", "sel", "select", "win"]

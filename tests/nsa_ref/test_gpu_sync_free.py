@@ -146,11 +146,6 @@ def test_nsa_attention_forward_captures_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 13, open: on the CUDA fast path the route decision reads the pydantic NSASettings and "
-    "runs the FA-2 contract check inside the trace (H200 2026-12-03: Unsupported "
-    "object.__getattribute__(NSASettings, '__private_attributes__')); passes on the CPU paths "
-    "(tests/nsa_ref/test_compile.py)"))
 def test_nsa_attention_compiles_fullgraph(grad):
     torch._dynamo.reset()
     q, k, v, gates = _inputs(grad)

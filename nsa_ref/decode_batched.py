@@ -134,6 +134,38 @@ def win_branch(q: torch.Tensor, q_pos: torch.Tensor, raw_view: PagedView, cfg: N
     return attend_gathered(q, k, v, valid[:, :, None, :], cfg.softmax_scale(q.shape[-1]))[0]
 
 
+def check_step_inputs(
+    q, k_new, v_new, gates, cache: NSAKVCache, cfg: NSAConfig, validate: str, who: str = "decode_step_batched",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The input checks of a decode step (``decode_step_batched``, ``decode_fast.decode_step_fast``),
+    before anything is written -> (q, k_new, v_new, gates) each with the n axis (B, n, ...), and
+    whether the inputs were 3-D (one token per sequence). The cache's own rules (capacity, pages,
+    dtype of the new K/V) are checked by ``cache.append``, which raises before writing.
+    ``validate`` "values" reads the gates once (one device sync); "shapes" reads nothing."""
+    check_cfg(cfg)
+    values = check_validate(validate)
+    if cfg != cache.cfg:
+        raise KVCacheError(f"{who}: cfg {cfg!r} differs from the cache's {cache.cfg!r}")
+    single = isinstance(q, torch.Tensor) and q.dim() == 3
+    q4, k4, v4, g4 = (x[:, None] if single and isinstance(x, torch.Tensor) else x for x in (q, k_new, v_new, gates))
+    for name, x in (("q", q4), ("k_new", k4), ("v_new", v4), ("gates", g4)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(
+                f"{who}: q, k_new, v_new, gates must all be 3-D (one token per sequence) or "
+                f"all 4-D (B, n, ...); {name} has shape {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+    B, n = q4.shape[:2]
+    if not (k4.shape[:2] == v4.shape[:2] == g4.shape[:2] == (B, n)):
+        raise ValueError(
+            f"{who}: q, k_new, v_new, gates need the same (B, n), got {tuple(q4.shape[:2])}, "
+            f"{tuple(k4.shape[:2])}, {tuple(v4.shape[:2])}, {tuple(g4.shape[:2])}"
+        )
+    flat = [x.reshape(B * n, *x.shape[2:]) for x in (q4, k4, v4, g4)]
+    check_heads(*flat[:3], k_name="k_new", v_name="v_new")
+    check_gates(flat[3], flat[0], values=values)
+    return q4, k4, v4, g4, single
+
+
 @torch.no_grad()
 def decode_step_batched(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor,
@@ -152,27 +184,8 @@ def decode_step_batched(
     ``torch.no_grad()``). Telemetry: each branch counts path
     "reference", reason "decode_step_batched".
     """
-    check_cfg(cfg)
-    values = check_validate(validate)
-    if cfg != cache.cfg:
-        raise KVCacheError(f"decode_step_batched: cfg {cfg!r} differs from the cache's {cache.cfg!r}")
-    single = isinstance(q, torch.Tensor) and q.dim() == 3
-    q4, k4, v4, g4 = (x[:, None] if single and isinstance(x, torch.Tensor) else x for x in (q, k_new, v_new, gates))
-    for name, x in (("q", q4), ("k_new", k4), ("v_new", v4), ("gates", g4)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(
-                f"decode_step_batched: q, k_new, v_new, gates must all be 3-D (one token per sequence) or "
-                f"all 4-D (B, n, ...); {name} has shape {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            )
-    B, n = q4.shape[:2]
-    if not (k4.shape[:2] == v4.shape[:2] == g4.shape[:2] == (B, n)):
-        raise ValueError(
-            f"decode_step_batched: q, k_new, v_new, gates need the same (B, n), got {tuple(q4.shape[:2])}, "
-            f"{tuple(k4.shape[:2])}, {tuple(v4.shape[:2])}, {tuple(g4.shape[:2])}"
-        )
-    flat = [x.reshape(B * n, *x.shape[2:]) for x in (q4, k4, v4, g4)]
-    check_heads(*flat[:3], k_name="k_new", v_name="v_new")
-    check_gates(flat[3], flat[0], values=values)
+    q4, k4, v4, g4, single = check_step_inputs(q, k_new, v_new, gates, cache, cfg, validate)
+    n = q4.shape[1]
     cache.append(k4, v4)  # checks the cache's own rules first; raises before writing
 
     q_pos = cache.cache_seqlens.long()[:, None] - n + torch.arange(n, device=q4.device)  # (B, n)

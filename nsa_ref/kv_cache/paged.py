@@ -60,8 +60,15 @@ class PagedView:
 
     @property
     def max_length(self) -> int:
-        """Longest sequence (host value): the padded width of a dense gather."""
+        """Longest sequence (host value): the padded width of a dense gather. It changes from
+        step to step; a width that must not (CUDA graphs, no recompiles) is ``capacity``."""
         return max(self.lengths, default=0)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold, max_pages * page_size: fixed for the cache's life (static
+        shapes), read from the table's shape only."""
+        return self.block_table.shape[1] * self.page_size
 
     def locate(self, b: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """b, pos: broadcastable int tensors of valid (sequence, position) -> (page, offset) int64."""

@@ -1,0 +1,340 @@
+"""The fast batched NSA decode step: static shapes, no host read after the append, FA-2 kvcache
+for win and cmp where a provider has it.
+
+    decode_step_fast(q, k_new, v_new, gates, cache, cfg, fa2="auto", validate="values")
+        checks (those of ``decode_step_batched``), appends, then ``decode_attend_fast``
+    decode_attend_fast(q, gates, cache, cfg, fa2="auto")
+        the branches for the last token of every sequence: the part a CUDA graph captures
+
+It computes what ``nsa_ref.decode_batched.decode_step_batched`` (the plain-torch reference, itself
+equal to prefill) computes, for one new token per sequence; a multi-token step (speculative
+decoding) goes to that reference. What makes it capturable in a CUDA graph at fixed B:
+
+- Every width comes from the cache's CAPACITY (``PagedView.capacity``: max_pages * page_size;
+  the compressed store's capacity), never from the current lengths: the window gathers a fixed
+  w slots ending at the current position, cmp scores every compressed slot, selection ranks
+  every selection block the capacity has, sel gathers n_sel * l' slots. Masks come from the
+  device ``cache_seqlens``. Nothing calls ``.item()`` / ``.tolist()`` / ``nonzero`` (a test
+  makes those raise during the step).
+- The addresses are fixed: the pools are written in place by the append.
+
+Per branch (telemetry records the path, "fa2" or "torch", and the reason, once per step):
+
+    win  FA-2 ``flash_attn_with_kvcache`` with ``decode_kvcache_calls.win_call`` (causal, window
+         (w - 1, 0)); else w gathered slots and a masked softmax (fp32 for 16-bit inputs)
+    cmp  FA-2 with ``cmp_call`` and ``return_softmax_lse=True``, then a scoring pass
+         p = exp(scale * q.k_cmp - lse) in fp32; else the masked softmax over the compressed
+         slots (which gives p directly)
+    select  overlap-weighted block scores (``block_scores_banded``: the 1,2,2,2,1 band of
+         ``masks.selection_weights`` as a gather, equal to ``selection.block_scores``), then
+         ``selection.top_blocks`` (forced initial / local blocks, ties to the lower index)
+    sel  the selected blocks' n_sel * l' token slots gathered from the paged raw cache (-1 and
+         s > t masked), masked softmax (fp32 for 16-bit inputs)
+
+The FA-2 kvcache kernel: ``fa2="auto"`` takes ``nsa_ref.fa2.resolve_provider("auto")`` and its
+``kvcache`` entry if it has one, else ``flash_attn.flash_attn_with_kvcache`` when that provider
+is the flash_attn package (torch's built-in FA-2 has no kvcache entry: the torch path runs).
+``fa2=None`` forces the torch path; a callable with ``flash_attn_with_kvcache``'s signature is
+used as the kernel (tests pass an emulation). A call runs only where ``contracts.kvcache_reasons``
+(meta mode) accepts it; the verdict is memoised per call geometry, so it costs nothing per step.
+The append itself (``NSAKVCache.append``) runs on the host lists of the cache and is outside
+the capturable part (Documentation/Architecture/Decode.md).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from nsa_ref import selection, telemetry
+from nsa_ref.api import combine_branches
+from nsa_ref.config import NSAConfig
+from nsa_ref.decode_batched import check_step_inputs, decode_step_batched
+from nsa_ref.decode_kvcache_calls import cmp_call, win_call
+from nsa_ref.kv_cache import NSAKVCache, PagedView
+from nsa_ref.reference import masked_softmax
+
+WHO = "decode_step_fast"
+
+
+# -- the FA-2 kvcache kernel ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KVCacheKernel:
+    """A ``flash_attn_with_kvcache``-like callable, the provider name its contract is checked
+    against, and whether it needs CUDA tensors (the real kernel) or runs anywhere (an emulation)."""
+
+    fn: Callable[..., Any]
+    name: str
+    contract_provider: str = "flash_attn"
+    cuda_only: bool = True
+
+
+def resolve_kvcache(fa2: Any = "auto") -> tuple[KVCacheKernel | None, str]:
+    """fa2: "auto", a provider name, an ``nsa_ref.fa2`` provider, a ``KVCacheKernel``, a callable
+    with ``flash_attn_with_kvcache``'s signature, or None -> (kernel or None, why not)."""
+    if fa2 is None:
+        return None, "fa2=None"
+    if isinstance(fa2, KVCacheKernel):
+        return fa2, ""
+    if callable(fa2) and not hasattr(fa2, "contract_provider"):
+        return KVCacheKernel(fa2, getattr(fa2, "__name__", "callable"), cuda_only=False), ""
+    if isinstance(fa2, str):
+        from nsa_ref.fa2 import resolve_provider
+
+        provider = resolve_provider(fa2)
+        if provider is None:
+            return None, f"no FA-2 provider usable here ({fa2})"
+    else:
+        provider = fa2
+    fn = getattr(provider, "kvcache", None)
+    if fn is None and provider.name == "flash_attn":
+        try:
+            from flash_attn import flash_attn_with_kvcache as fn
+        except ImportError as e:  # pragma: no cover - depends on the install
+            return None, f"flash_attn has no flash_attn_with_kvcache ({e})"
+    if fn is None:
+        return None, f"provider {provider.name} has no kvcache entry"
+    return KVCacheKernel(fn, provider.name, provider.contract_provider), ""
+
+
+_verdicts: dict[tuple, tuple[str, ...]] = {}
+_verdicts_lock = threading.Lock()
+
+
+def _meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    return x
+
+
+def contract_verdict(call: dict, kernel: KVCacheKernel) -> tuple[str, ...]:
+    """The rules ``contracts.kvcache_reasons`` (meta mode) finds broken by ``call`` -> () when legal.
+
+    Memoised on the call's geometry (shapes, strides, dtypes, layout, flags, provider): checked
+    once per cache and batch size, not per step."""
+    key = (kernel.contract_provider,) + tuple(
+        (name, tuple(v.shape), v.stride(), v.dtype, v.device.type) if isinstance(v, torch.Tensor)
+        else (name, v if v is None or isinstance(v, (bool, int, float, str, tuple)) else type(v).__name__)
+        for name, v in sorted(call.items())
+    )
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        try:
+            import contracts
+
+            reasons = contracts.kvcache_reasons(**{k: _meta(v) for k, v in call.items()},
+                                                provider=kernel.contract_provider)
+            verdict = tuple(r.rule for r in reasons)
+        except ImportError as e:  # the contracts package needs pydantic
+            verdict = (f"contracts unavailable: {e}",)
+        with _verdicts_lock:
+            _verdicts[key] = verdict
+    return verdict
+
+
+def _usable(kernel: KVCacheKernel | None, why: str, call: dict) -> tuple[bool, str]:
+    """-> (run the kernel?, telemetry reason)."""
+    if kernel is None:
+        return False, why
+    if kernel.cuda_only and call["q"].device.type != "cuda":
+        return False, f"{kernel.name} kvcache needs CUDA, q on {call['q'].device.type}"
+    broken = contract_verdict(call, kernel)
+    if broken:
+        return False, "contract: " + ",".join(broken)
+    return True, f"{kernel.name} flash_attn_with_kvcache"
+
+
+# -- torch pieces (static shapes, no host reads) --------------------------------------------------
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for 16-bit inputs, else the input's."""
+    return selection.score_dtype(dtype)
+
+
+def attend_fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv), valid (B, Hkv or 1, S) bool ->
+    (out (B, Hq, Dv) in q's dtype, p (B, Hq, S) in the accumulation dtype). Masked entries of k
+    and v must be finite (``PagedView.gather`` gives exact zeros). Rows with no visible key: 0."""
+    B, Hq, Dk = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    acc = _acc(q.dtype)
+    qg = q.reshape(B, Hkv, Hq // Hkv, Dk).to(acc)
+    scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, S)
+    p, _ = masked_softmax(scores, valid[:, :, None, :])
+    out = torch.matmul(p, v.to(acc))  # (B, Hkv, G, Dv)
+    return out.reshape(B, Hq, v.shape[-1]).to(q.dtype), p.reshape(B, Hq, S)
+
+
+def _arange_b(view: PagedView, dims: int) -> torch.Tensor:
+    B = view.block_table.shape[0]
+    return torch.arange(B, device=view.block_table.device).reshape(B, *([1] * dims))
+
+
+def win_torch(q: torch.Tensor, t: torch.Tensor, raw: PagedView, cfg: NSAConfig) -> torch.Tensor:
+    """q (B, Hq, Dk) at positions t (B,) int64 -> o_win (B, Hq, Dv): a fixed min(w, capacity)
+    slots ending at t, those before position 0 masked (``masks.win_visible``)."""
+    width = min(cfg.window, raw.capacity)
+    s = t[:, None] - width + 1 + torch.arange(width, device=q.device)  # (B, W)
+    valid = s >= 0
+    k, v = raw.gather(_arange_b(raw, 1), s, valid)  # (B, W, Hkv, D)
+    return attend_fixed(q, k.transpose(1, 2), v.transpose(1, 2), valid[:, None, :],
+                        cfg.softmax_scale(q.shape[-1]))[0]
+
+
+def cmp_width(raw: PagedView, cmp: PagedView, cfg: NSAConfig) -> int:
+    """Compressed slots the step reads: what the capacity can ever emit (static)."""
+    return min(cmp.capacity, cfg.num_cmp_blocks(raw.capacity))
+
+
+def cmp_keys(cmp: PagedView, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (k (B, Hkv, Tc, Dk), v (B, Hkv, Tc, Dv), emitted (B, Tc) bool) over ``width`` slots;
+    slots not emitted yet are exact zeros."""
+    i = torch.arange(width, device=cmp.k_pages.device)
+    emitted = i[None, :] < cmp.cache_seqlens[:, None]
+    k, v = cmp.gather(_arange_b(cmp, 1), i[None, :], emitted)  # (B, Tc, Hkv, D)
+    return k.transpose(1, 2), v.transpose(1, 2), emitted
+
+
+def cmp_torch(q: torch.Tensor, cmp: PagedView, width: int, cfg: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o_cmp (B, Hq, Dv), p_cmp (B, Hq, Tc) fp32 for 16-bit inputs): with one query per
+    sequence every emitted block is visible (``masks.cmp_block_visible`` at t = length - 1)."""
+    k, v, emitted = cmp_keys(cmp, width)
+    return attend_fixed(q, k, v, emitted[:, None, :], cfg.softmax_scale(q.shape[-1]))
+
+
+def cmp_probs_from_lse(q: torch.Tensor, lse: torch.Tensor, cmp: PagedView, width: int, cfg: NSAConfig) -> torch.Tensor:
+    """The scoring pass after an FA-2 cmp call: p = exp(scale * q.k_cmp - lse) over the emitted
+    slots, 0 elsewhere (and where lse is FA-2's +inf of an empty row), in the accumulation dtype.
+    q (B, Hq, Dk), lse (B, Hq) fp32 -> p (B, Hq, Tc)."""
+    B, Hq, Dk = q.shape
+    acc = _acc(q.dtype)
+    if cmp.dense:  # the pool is (B, Tc_pool, Hkv, D): read it in place, mask afterwards
+        i = torch.arange(width, device=q.device)
+        emitted = i[None, :] < cmp.cache_seqlens[:, None]
+        k = cmp.k_pages[:, :width].transpose(1, 2)
+    else:
+        k, _, emitted = cmp_keys(cmp, width)
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, Dk).to(acc)
+    s = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * cfg.softmax_scale(Dk)  # (B, Hkv, G, Tc)
+    s = s - lse.to(acc).reshape(B, Hkv, Hq // Hkv, 1)
+    p = torch.where(emitted[:, None, None, :], torch.exp(torch.where(emitted[:, None, None, :], s, -torch.inf)), 0.0)
+    return p.reshape(B, Hq, width)
+
+
+_bands: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def selection_band(num_cmp: int, num_sel: int, cfg: NSAConfig, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nonzero band of ``masks.selection_weights`` -> (idx (num_sel, taps) int64 into the
+    compressed blocks, num_cmp for padding; w (num_sel, taps) the overlap weights, 0 for padding).
+    Selection block j overlaps the compressed blocks i with i*d < (j+1)*l' and i*d + l > j*l'.
+    Built on the host once per geometry and kept on the device (memoised)."""
+    key = (num_cmp, num_sel, cfg.block_len, cfg.block_stride, cfg.sel_block, dtype, str(device))
+    band = _bands.get(key)
+    if band is None:
+        l, d, lp = cfg.block_len, cfg.block_stride, cfg.sel_block
+        j = torch.arange(num_sel)
+        lo_i = torch.div(j * lp - l, d, rounding_mode="floor").add(1).clamp_min(0)
+        hi_i = torch.div((j + 1) * lp - 1, d, rounding_mode="floor")
+        taps = int((hi_i - lo_i + 1).max()) if num_sel else 0
+        idx = lo_i[:, None] + torch.arange(taps)
+        ok = (idx <= hi_i[:, None]) & (idx < num_cmp)
+        lo = torch.maximum(idx * d, j[:, None] * lp)
+        hi = torch.minimum(idx * d + l, (j[:, None] + 1) * lp)
+        w = torch.where(ok, (hi - lo).clamp(min=0).to(dtype) / d, torch.zeros((), dtype=dtype))
+        band = (torch.where(ok, idx, num_cmp).to(device), w.to(device))
+        _bands[key] = band
+    return band
+
+
+def block_scores_banded(p_cmp: torch.Tensor, n_kv_heads: int, num_sel: int, cfg: NSAConfig) -> torch.Tensor:
+    """p_cmp (B, Hq, Tc) -> p_slc (B, Hkv, num_sel): ``selection.block_scores`` (overlap weights,
+    sum over the G query heads of a KV head) with only the band's few taps per block instead of a
+    (Tc, num_sel) matmul."""
+    B, Hq, Tc = p_cmp.shape
+    idx, w = selection_band(Tc, num_sel, cfg, p_cmp.dtype, p_cmp.device)
+    per_kv = p_cmp.reshape(B, n_kv_heads, Hq // n_kv_heads, Tc).sum(dim=2)
+    padded = torch.nn.functional.pad(per_kv, (0, 1))  # column Tc: the padding taps read 0
+    taps = padded[..., idx.reshape(-1)].reshape(B, n_kv_heads, *idx.shape)
+    return (taps * w).sum(-1)
+
+
+def sel_torch(q: torch.Tensor, t: torch.Tensor, block_idx: torch.Tensor, raw: PagedView, cfg: NSAConfig) -> torch.Tensor:
+    """q (B, Hq, Dk), t (B,), block_idx (B, Hkv, n_sel) int32 -> o_sel (B, Hq, Dv): the n_sel * l'
+    token slots of the selected blocks, -1 entries and s > t masked (``masks.causal_visible``)."""
+    B, Hkv, n_sel = block_idx.shape
+    lp = cfg.sel_block
+    s = block_idx.long()[..., None] * lp + torch.arange(lp, device=q.device)  # (B, Hkv, n_sel, l')
+    valid = (block_idx >= 0)[..., None] & (s <= t[:, None, None, None])
+    s, valid = s.reshape(B, Hkv, n_sel * lp), valid.reshape(B, Hkv, n_sel * lp)
+    head = torch.arange(Hkv, device=q.device)[None, :, None]
+    k, v = raw.gather(_arange_b(raw, 2), s, valid, head)  # (B, Hkv, K, D)
+    return attend_fixed(q, k, v, valid, cfg.softmax_scale(q.shape[-1]))[0]
+
+
+# -- the step -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, cfg: NSAConfig, *,
+                       fa2: Any = "auto") -> torch.Tensor:
+    """q (B, Hq, Dk), gates (B, Hq, 3) -> (B, Hq, Dv): NSA for the last token of every sequence of
+    ``cache`` (position cache_seqlens - 1; append first). Inputs are assumed checked
+    (``decode_step_fast`` does it). Static shapes, no host read: capturable in a CUDA graph once
+    the FA-2 verdicts are memoised (run it eagerly once first)."""
+    raw, cmp = cache.views()
+    B, Hq, Dk = q.shape
+    Hkv = raw.k_pages.shape[2]
+    t = cache.cache_seqlens.long() - 1  # (B,) positions of the queries
+    kernel, why = resolve_kvcache(fa2)
+    q1 = q[:, None]  # (B, 1, Hq, Dk): FA-2's layout
+
+    call = win_call(q1, raw, cfg)
+    run, win_reason = _usable(kernel, why, call)
+    if run:
+        o_win = kernel.fn(**call)[:, 0]
+    else:
+        o_win = win_torch(q, t, raw, cfg)
+    telemetry.record("win", "fa2" if run else "torch", win_reason)
+
+    width = cmp_width(raw, cmp, cfg)
+    call = dict(cmp_call(q1, cmp, cfg), return_softmax_lse=True)
+    run_cmp, cmp_reason = _usable(kernel, why, call) if width else (False, "no compressed slot")
+    if run_cmp:
+        out, lse = kernel.fn(**call)[:2]
+        o_cmp = out[:, 0]
+        p_cmp = cmp_probs_from_lse(q, lse[..., 0], cmp, width, cfg)
+    else:
+        o_cmp, p_cmp = cmp_torch(q, cmp, width, cfg)
+    telemetry.record("cmp", "fa2" if run_cmp else "torch", cmp_reason)
+
+    scores = block_scores_banded(p_cmp, Hkv, cfg.num_sel_blocks(raw.capacity), cfg)
+    block_idx = selection.top_blocks(scores, t, cfg)  # (B, Hkv, n_sel)
+    telemetry.record("select", "torch", "banded scores + top_blocks")
+    o_sel = sel_torch(q, t, block_idx, raw, cfg)
+    telemetry.record("sel", "torch", "gathered selected blocks")
+    return combine_branches(gates, o_cmp.to(q.dtype), o_sel, o_win.to(q.dtype))
+
+
+@torch.no_grad()
+def decode_step_fast(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor,
+    cache: NSAKVCache, cfg: NSAConfig, *, fa2: Any = "auto", validate: str = "values",
+) -> torch.Tensor:
+    """``decode_step_batched``'s step and result, fast: q (B, Hq, Dk), k_new (B, Hkv, Dk), v_new
+    (B, Hkv, Dv), gates (B, Hq, 3) -> (B, Hq, Dv) (or with an n axis; n > 1 runs the reference).
+
+    The same checks and errors as ``decode_step_batched`` (``check_step_inputs``), raised before
+    the cache changes; then the append, then ``decode_attend_fast``. ``fa2``: see
+    ``resolve_kvcache``. ``validate="shapes"`` reads nothing from the device in the whole step
+    ("values" reads the gates once)."""
+    q4, k4, v4, g4, single = check_step_inputs(q, k_new, v_new, gates, cache, cfg, validate, who=WHO)
+    if q4.shape[1] != 1:
+        return decode_step_batched(q, k_new, v_new, gates, cache, cfg, validate="shapes")
+    cache.append(k4, v4)  # the cache's own checks first; raises before writing
+    out = decode_attend_fast(q4[:, 0], g4[:, 0], cache, cfg, fa2=fa2)
+    return out if single else out[:, None]

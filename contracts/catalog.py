@@ -536,6 +536,21 @@ RULES: dict[str, Rule] = _rules(
         symptom="pages outside the cache are read: garbage or illegal memory access",
         fix="keep the used entries of block_table in [0, num_blocks)",
     ),
+    Rule(
+        id="FA2-ROTARY-TABLE-OVERRUN",
+        title="the rotary table has a row for every position the kernel rotates",
+        kind="crash",
+        applies_to=("kvcache",),
+        mode="strict",
+        source="src flash_fwd_kernel.h (split-KV): q reads cos/sin rows from cache_seqlens[b] (binfo.seqlen_k_cache + "
+               "leftpad_k), one row per query with causal or a local window after the api's normalisation, else that "
+               "row only; the copy is predicated on q rows, not on seqlen_ro; api checks only seqlen_ro >= seqlen_k. "
+               "[H200] differential fuzzing, flash_attn 2.8.3",
+        symptom="CUDA 'device-side assert triggered' or 'unspecified launch failure' (the context is lost), or q rotated "
+                "with rows read past the table (garbage, no error)",
+        fix="pass rotary_cos/rotary_sin with at least max(cache_seqlens) + seqlen_q rows (e.g. the model's maximum "
+            "position), or keep cache_seqlens + seqlen_q within the table",
+    ),
 )
 
 

@@ -327,6 +327,12 @@ GUARD_RECOMMENDATIONS: tuple[GuardRecommendation, ...] = (
         condition=f"a used block_table entry outside [0, num_blocks) ({_STRICT_COST})",
         evidence="src: page index from block_table is not checked; no probe yet"),
     GuardRecommendation(
+        rule="FA2-ROTARY-TABLE-OVERRUN", action="refuse", mode="strict", providers=("flash_attn",),
+        condition=f"kvcache with rotary_cos/sin and new k/v: cache_seqlens + seqlen_q (causal/local) or + new tokens "
+                  f"> rotary table rows ({_STRICT_COST})",
+        evidence="[H200] contract fuzz, flash_attn 2.8.3: 4 accepted calls died with 'device-side assert' / "
+                 "'unspecified launch failure' (seqlen_q 16, causal or local, s_new 1); no probe yet"),
+    GuardRecommendation(
         rule="FA2-WINDOW-RIGHT-CLAMPED", action="warn",
         condition="window_size right >= seqlen_k where that changes which keys a row sees",
         evidence="[H100] / api: the side becomes -1 (no window); probe window_clamped"),

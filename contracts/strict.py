@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .facts import CallFacts, Tensor
+from .fa2_mask import normalised_window
 
 # Meta rules whose failure makes an index tensor unreadable as (B+1,) / (B,) / (B, n) int32.
 _BLOCKING = {"FA2-RANK", "FA2-DEVICE", "FA2-INDEX-DTYPE", "FA2-INDEX-SHAPE", "FA2-INDEX-CONTIGUOUS",
@@ -181,6 +182,36 @@ def fa2_block_table_range(c: CallFacts, vals: dict) -> str | None:
     return f"{_first_bad(bad)}; the cache has {blocks} pages"
 
 
+def _rotary_query_rows(c: CallFacts) -> int:
+    """Table rows past cache_seqlens[b] that the rotation of q reads: seqlen_q with a causal or local
+    mask as FA-2 computes it (after flash_api.cpp's normalisation with seqlen_k = the cache
+    capacity), else 1 (every query row reads the row at cache_seqlens[b])."""
+    sq = c.sq
+    if sq <= 1:
+        return sq  # one query reads row cache_seqlens[b] either way (alibi keeps causal on: same row)
+    _, window = normalised_window(c.causal, (c.wl, c.wr), sq, c.sk)
+    return 1 if window == (-1, -1) else sq
+
+
+def fa2_rotary_table_overrun(c: CallFacts, vals: dict) -> str | None:
+    cos, lengths = c.rotary_cos, vals.get("cache_seqlens")
+    if lengths is None or c.k_new is None or not isinstance(cos, Tensor) or cos.dim() != 2 or c.sk is None:
+        return None  # no rotation (FA2-ROTARY-NEW-KV / FA2-ROTARY-TABLE name the arguments)
+    # The kernel starts at binfo.seqlen_k_cache + leftpad_k = cache_seqlens[b] (block_info.h subtracts
+    # leftpad_k from cache_seqlens), so cache_leftpad does not move the rows.
+    seqlen_ro = cos.shape[0]
+    q_rows = _rotary_query_rows(c)
+    rows = max(q_rows, c.s_new or 0)
+    if max(lengths, default=0) + rows <= seqlen_ro:
+        return None
+    how = "causal/local: one row per query" if q_rows == c.sq and c.sq > 1 else "no causal/local mask: one row"
+    bad = [f"sequence {i}: cache_seqlens {n} + {rows} rows = {n + rows}" for i, n in enumerate(lengths)
+           if n + rows > seqlen_ro]
+    return (f"{_first_bad(bad)} > rotary_cos/rotary_sin rows {seqlen_ro} (seqlen_q {c.sq}, {how}; "
+            f"{c.s_new} new keys); FA-2 reads cos/sin rows cache_seqlens[b] .. cache_seqlens[b] + {rows} - 1 "
+            "without checking the table length")
+
+
 STRICT_PREDICATES = {
     "FA2-CU-SEQLENS-START": fa2_cu_seqlens_start,
     "FA2-CU-SEQLENS-DECREASING": fa2_cu_seqlens_decreasing,
@@ -190,4 +221,5 @@ STRICT_PREDICATES = {
     "FA2-SEQUSED-K-OVERRUN": fa2_seqused_k_overrun,
     "FA2-KV-CACHE-OVERFLOW": fa2_kv_cache_overflow,
     "FA2-BLOCK-TABLE-RANGE": fa2_block_table_range,
+    "FA2-ROTARY-TABLE-OVERRUN": fa2_rotary_table_overrun,
 }

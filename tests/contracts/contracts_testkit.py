@@ -330,6 +330,14 @@ def _breaking_cases() -> dict[str, list[Case]]:
             Case("kvcache", _with(kvcache_inputs(paged=True, cache_len=(300, 10)),
                                   block_table=torch.tensor([[0, 7], [1, 9]], dtype=I32)), "page 7 of 4", {"strict": True}),
         ],
+        "FA2-ROTARY-TABLE-OVERRUN": [
+            Case("kvcache", {**kvcache_inputs(sq=16, s_new=1, cache_len=(50, 10)), **rotary()},
+                 "causal: 50 + 16 queries > 64 rows", {"causal": True, "strict": True}, providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(sq=16, s_new=1, cache_len=(0, 49)), **rotary()},
+                 "local (0, 32): 49 + 16 > 64 rows", {"window_size": (0, 32), "strict": True}, providers=("flash_attn",)),
+            Case("kvcache", {**kvcache_inputs(sq=16, s_new=1, cache_len=(0, 0)), **rotary(), "cache_seqlens": 49},
+                 "int cache_seqlens 49 + 16 > 64", {"causal": True, "strict": True}, providers=("flash_attn",)),
+        ],
     }
     for rid, items in cases.items():
         for case in items:
@@ -381,6 +389,14 @@ VALID: list[Case] = [
          providers=("flash_attn",)),
     Case("kvcache", {**kvcache_inputs(paged=True, s_new=2), **rotary(seqlen_ro=512)}, "kvcache paged rotary",
          {"return_softmax_lse": True}, providers=("flash_attn",)),
+    Case("kvcache", {**kvcache_inputs(sq=16, s_new=1, cache_len=(48, 0)), **rotary()},
+         "kvcache rotary causal sq=16 at the table's end (48 + 16 = 64 rows)", {"causal": True},
+         providers=("flash_attn",)),
+    Case("kvcache", {**kvcache_inputs(sq=16, s_new=1, cache_len=(63, 62)), **rotary()},
+         "kvcache rotary sq=16 without a mask (one row per sequence)", providers=("flash_attn",)),
+    Case("kvcache", {**kvcache_inputs(sq=16, s_new=1, cache_len=(63, 62)), **rotary()},
+         "kvcache rotary window >= capacity (no mask after normalisation)", {"window_size": (64, 70)},
+         providers=("flash_attn",)),
     Case("qkvpacked", qkvpacked_inputs(), "qkvpacked", {"causal": True, "softcap": 0.0}),
     Case("kvpacked", kvpacked_inputs(sq=1, sk=97), "kvpacked GQA decode", {"causal": True}),
     Case("varlen_qkvpacked", varlen_qkvpacked_inputs(), "varlen qkvpacked", {"dropout_p": 0.17, "backward": True}),

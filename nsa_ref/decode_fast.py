@@ -64,12 +64,14 @@ WHO = "decode_step_fast"
 @dataclass(frozen=True)
 class KVCacheKernel:
     """A ``flash_attn_with_kvcache``-like callable, the provider name its contract is checked
-    against, and whether it needs CUDA tensors (the real kernel) or runs anywhere (an emulation)."""
+    against, whether it needs CUDA tensors (the real kernel) or runs anywhere (an emulation), and
+    whether its calls are checked against the FA-2 contract (an emulation in fp64 is not FA-2)."""
 
     fn: Callable[..., Any]
     name: str
     contract_provider: str = "flash_attn"
     cuda_only: bool = True
+    check_contract: bool = True
 
 
 def resolve_kvcache(fa2: Any = "auto") -> tuple[KVCacheKernel | None, str]:
@@ -141,7 +143,7 @@ def _usable(kernel: KVCacheKernel | None, why: str, call: dict) -> tuple[bool, s
         return False, why
     if kernel.cuda_only and call["q"].device.type != "cuda":
         return False, f"{kernel.name} kvcache needs CUDA, q on {call['q'].device.type}"
-    broken = contract_verdict(call, kernel)
+    broken = contract_verdict(call, kernel) if kernel.check_contract else ()
     if broken:
         return False, "contract: " + ",".join(broken)
     return True, f"{kernel.name} flash_attn_with_kvcache"
@@ -241,7 +243,7 @@ def selection_band(num_cmp: int, num_sel: int, cfg: NSAConfig, dtype: torch.dtyp
         j = torch.arange(num_sel)
         lo_i = torch.div(j * lp - l, d, rounding_mode="floor").add(1).clamp_min(0)
         hi_i = torch.div((j + 1) * lp - 1, d, rounding_mode="floor")
-        taps = int((hi_i - lo_i + 1).max()) if num_sel else 0
+        taps = max((((jj + 1) * lp - 1) // d - max(0, (jj * lp - l) // d + 1) + 1 for jj in range(num_sel)), default=0)
         idx = lo_i[:, None] + torch.arange(taps)
         ok = (idx <= hi_i[:, None]) & (idx < num_cmp)
         lo = torch.maximum(idx * d, j[:, None] * lp)

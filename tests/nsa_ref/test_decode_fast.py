@@ -1,0 +1,444 @@
+"""decode_step_fast (nsa_ref.decode_fast) equals decode_step_batched, and so prefill, step after step.
+
+CPU: fp64 parity over ragged batches (empty prompt, lengths < l, lengths crossing l, d, l', w and
+the n_sel boundary), preallocated and paged caches with page sizes that do and do not divide
+l, d, l', w, GQA; the FA-2 branch plumbing with an emulated ``flash_attn_with_kvcache`` (lse ->
+selection probabilities); bf16 within tolerances.yaml; no host read during the step; the same
+refusals as decode_step_batched. GPU (``-m gpu``): CUDA bf16 against the reference step, with and
+without flash_attn, and one step captured in a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nsa_ref import NSAConfig, selection, telemetry
+from nsa_ref.decode_batched import decode_step_batched
+from nsa_ref.decode_fast import (
+    KVCacheKernel,
+    block_scores_banded,
+    contract_verdict,
+    decode_attend_fast,
+    decode_step_fast,
+)
+from nsa_ref.kv_cache import CacheCapacityError, KVCacheError, NSAKVCache
+from nsa_ref_testkit import ODD, SMALL, assert_close
+from test_decode_batched import TIED, Case
+
+PAPER = NSAConfig()
+CONFIGS = {"small": SMALL, "odd": ODD, "tied": TIED}
+ATOL = 1e-10
+
+
+def _steps(case: Case, layout, pre, steps, *, fa2=None, capacity=None, dtype_check=True) -> None:
+    """Prefill ``pre``; then per step the fast step on one cache and the reference on another,
+    both against prefill (fp64)."""
+    fast, ref = case.cache(layout, capacity=capacity, poison=True), case.cache(layout, capacity=capacity, poison=True)
+    case.prefill(fast, pre)
+    case.prefill(ref, pre)
+    pool = fast.raw.k_pages.data_ptr()
+    for step in range(steps):
+        rows = case.rows([p + step for p in pre])
+        args = [x[rows] for x in (case.q, case.k, case.v, case.gates)]
+        got = decode_step_fast(*args, fast, case.cfg, fa2=fa2)
+        want = decode_step_batched(*args, ref, case.cfg)
+        assert_close(got, want, f"fast vs decode_step_batched, step {step}", atol=ATOL)
+        assert_close(got, case.want[rows], f"fast vs prefill, step {step}", atol=ATOL)
+    assert fast.lengths == ref.lengths == [p + steps for p in pre]
+    assert fast.raw.k_pages.data_ptr() == pool
+
+
+@pytest.mark.parametrize("layout", ["contiguous", 3, 5, 16], ids=lambda x: f"page{x}" if x != "contiguous" else x)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_equals_reference_and_prefill(name, layout):
+    """Prompts 0, 3 (< l), 13, 30, then 20 steps: lengths cross l, l', w on the way."""
+    pre, steps = [0, 3, 13, 30], 20
+    case = Case(CONFIGS[name], [p + steps for p in pre], hq=8, hkv=2)  # GQA, G = 4
+    _steps(case, layout, pre, steps, capacity=64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", 7, 256])
+def test_paper_config_crossing_boundaries(layout):
+    """l, d, l', n, w = 32, 16, 64, 16, 512: steps cross l (31 -> 32), l' (63 -> 64), w (511 ->
+    512) and nb = n_sel (1023 -> 1024 -> 1025 tokens: more blocks than n to choose from)."""
+    pre, steps = [0, 29, 61, 509, 1021], 5
+    case = Case(PAPER, [p + steps for p in pre], hq=8, hkv=2, dk=8, dv=4, seed=1)
+    _steps(case, layout, pre, steps, capacity=1100)
+
+
+def test_multi_token_step_goes_to_the_reference():
+    pre, n = [0, 3, 13], 3
+    case = Case(SMALL, [p + 2 * n for p in pre], seed=2)
+    cache = case.cache(5)
+    case.prefill(cache, pre)
+    for step in range(2):
+        rows = torch.tensor([[r + i for i in range(n)] for r in case.rows([p + step * n for p in pre])])
+        got = decode_step_fast(*[x[rows] for x in (case.q, case.k, case.v, case.gates)], cache, SMALL)
+        assert_close(got, case.want[rows], f"n=3 step {step}", atol=ATOL)
+
+
+def test_4d_single_token_keeps_the_n_axis():
+    case = Case(SMALL, [5, 9])
+    cache = case.cache(4)
+    case.prefill(cache, [4, 8])
+    rows = case.rows([4, 8])
+    got = decode_step_fast(*[x[rows][:, None] for x in (case.q, case.k, case.v, case.gates)], cache, SMALL)
+    assert got.shape == (2, 1, 4, 3)
+    assert_close(got[:, 0], case.want[rows], "4-D one-token step", atol=ATOL)
+
+
+# -- selection pieces against selection.block_scores / top_blocks ---------------------------------
+
+@pytest.mark.parametrize("cfg", [SMALL, ODD, TIED, PAPER], ids=["small", "odd", "tied", "paper"])
+def test_banded_scores_equal_block_scores(cfg):
+    g = torch.Generator().manual_seed(3)
+    for tc, nb in ((0, 1), (1, 1), (7, 5), (63, 17), (200, 90)):
+        p = torch.rand(3, 8, tc, generator=g, dtype=torch.float64)
+        assert_close(block_scores_banded(p, 2, nb, cfg), selection.block_scores(p.reshape(3, 8, tc), 2, nb, cfg),
+                     f"banded scores Tc={tc} nb={nb}", atol=1e-12)
+
+
+# -- the FA-2 branches' plumbing, with an emulated kvcache kernel ---------------------------------
+
+def emulated_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None, softmax_scale=None,
+                     causal=False, window_size=(-1, -1), return_softmax_lse=False, **_):
+    """flash_attn_with_kvcache's semantics in plain torch (fp64-able): paged or dense cache, mask of
+    ``contracts.fa2_mask`` with max_seqlen_k = the cache's capacity, lse +inf for an empty row."""
+    from contracts.fa2_mask import fa2_mask
+
+    B, sq, hq, _ = q.shape
+    P = k_cache.shape[1]
+    cap = P * (1 if block_table is None else block_table.shape[1])
+    outs, lses = [], []
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        pos = torch.arange(n)
+        if block_table is None:
+            k, v = k_cache[b, :n], v_cache[b, :n]
+        else:
+            page = block_table[b, pos // P].long()
+            k, v = k_cache[page, pos % P], v_cache[page, pos % P]
+        g = hq // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[b], k) * softmax_scale
+        s = s.masked_fill(~fa2_mask(sq, n, causal, window_size, sq, cap), -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+        outs.append(torch.einsum("hqk,khd->qhd", p, v))
+        lses.append(torch.where(torch.isinf(lse), math.inf, lse))
+    out, lse = torch.stack(outs), torch.stack(lses)
+    return (out, lse) if return_softmax_lse else out
+
+
+EMULATED = KVCacheKernel(emulated_kvcache, "emulated", cuda_only=False, check_contract=False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", 5])
+@pytest.mark.parametrize("name", ["small", "odd"])
+def test_fa2_branches_with_emulated_kernel(name, layout):
+    """win and cmp through the kvcache calls (win_call / cmp_call), cmp's selection
+    probabilities rebuilt from FA-2's lse: still equal to the reference and prefill."""
+    telemetry.reset()
+    pre, steps = [0, 3, 13, 30], 12
+    case = Case(CONFIGS[name], [p + steps for p in pre], hq=8, hkv=2, seed=4)
+    _steps(case, layout, pre, steps, fa2=EMULATED, capacity=64)
+    paths = _paths()
+    assert paths["win"] == paths["cmp"] == {("fa2", "emulated flash_attn_with_kvcache")}, paths
+    assert paths["sel"] == {("torch", "gathered selected blocks")}, paths
+
+
+def _paths() -> dict[str, set[tuple[str, str]]]:
+    """telemetry -> {branch: {(path, reason), ...}} of the fast step (the reference's "reference"
+    path, which the parity checks also run, left out)."""
+    out: dict[str, set] = {}
+    for branch, path, reason in telemetry.snapshot()["counts"]:
+        if path != "reference":
+            out.setdefault(branch, set()).add((path, reason))
+    return out
+
+
+def test_contract_refusal_falls_back_and_is_memoised(monkeypatch):
+    """bf16 raw pages of 64 tokens: FA-2 refuses win (FA2-PAGED-BLOCK-SIZE), the torch path runs
+    with the reason in telemetry; cmp's store is preallocated (dense), so its call is legal and
+    runs. The contract is evaluated once per branch for all the steps."""
+    import contracts
+    from nsa_ref import decode_fast
+
+    monkeypatch.setattr(decode_fast, "_verdicts", {})
+    calls = []
+    real = contracts.kvcache_reasons
+    monkeypatch.setattr(contracts, "kvcache_reasons", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kernel = KVCacheKernel(emulated_kvcache, "strict-emulated", cuda_only=False)
+    telemetry.reset()
+    pre = [10, 70, 0]
+    case = Case(SMALL, [p + 4 for p in pre], hq=8, hkv=2, dk=16, dv=16, seed=5, dtype=torch.bfloat16)
+    cache = case.cache(64, capacity=128)
+    case.prefill(cache, pre)
+    for step in range(4):
+        rows = case.rows([p + step for p in pre])
+        decode_step_fast(*[x[rows].to(torch.bfloat16) for x in (case.q, case.k, case.v, case.gates)],
+                         cache, SMALL, fa2=kernel)
+    assert len(calls) == 2, "one verdict per call geometry (win, cmp), not per step"
+    paths = _paths()
+    assert paths["win"] == {("torch", "contract: FA2-PAGED-BLOCK-SIZE")}, paths
+    assert paths["cmp"] == {("fa2", "strict-emulated flash_attn_with_kvcache")}, paths
+
+
+def test_verdict_of_a_legal_call_is_empty():
+    cache = NSAKVCache.allocate(2, 512, 2, 64, PAPER, dtype=torch.bfloat16)
+    from nsa_ref.decode_kvcache_calls import win_call
+
+    call = win_call(torch.empty(2, 1, 8, 64, dtype=torch.bfloat16), cache.views()[0], PAPER)
+    assert contract_verdict(call, KVCacheKernel(emulated_kvcache, "x")) == ()
+
+
+# -- bf16 ----------------------------------------------------------------------------------------
+
+def test_bf16_within_tolerance():
+    """bf16 cache and inputs: max|fast - truth| within tolerances.yaml's bf16 out rule, truth = the
+    fp64 reference on the bf16-rounded inputs, rounding baseline = decode_step_batched in bf16."""
+    from conformance import assertions as A
+
+    pre, steps = [0, 3, 13, 30], 8
+    case = Case(SMALL, [p + steps for p in pre], hq=8, hkv=2, dk=16, dv=16, seed=6)
+    for x in (case.q, case.k, case.v, case.gates):
+        x.copy_(x.to(torch.bfloat16).double())
+    lo = copy.copy(case)
+    lo.dtype = torch.bfloat16
+    fast, base, truth = lo.cache(5, capacity=64), lo.cache(5, capacity=64), case.cache(5, capacity=64)
+    for c, who in ((fast, lo), (base, lo), (truth, case)):
+        who.prefill(c, pre)
+    got, want, rounded = [], [], []
+    for step in range(steps):
+        rows = case.rows([p + step for p in pre])
+        args = [x[rows] for x in (case.q, case.k, case.v, case.gates)]
+        args16 = [x.to(torch.bfloat16) for x in args]
+        got.append(decode_step_fast(*args16, fast, SMALL))
+        rounded.append(decode_step_batched(*args16, base, SMALL))
+        want.append(decode_step_batched(*args, truth, SMALL))
+    got, want, rounded = (torch.cat(x) for x in (got, want, rounded))
+    assert got.dtype == torch.bfloat16
+    A.assert_close(got, want, rounded, rule="DECODE-FAST-BF16", dtype=torch.bfloat16)
+
+
+# -- no host read during the step ----------------------------------------------------------------
+
+class _NoHostRead(torch.utils._python_dispatch.TorchDispatchMode):
+    """Raises on the ops that read a tensor's value to the host or give a value-dependent shape."""
+
+    BANNED = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+              "unique_consecutive", "unique_dim", "item")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.BANNED:
+            raise AssertionError(f"host read / data-dependent shape in the step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fa2", [None, KVCacheKernel(lambda *a, **k: None, "cuda-only")], ids=["torch", "fa2-on-cpu"])
+@pytest.mark.parametrize("layout", ["contiguous", 5])
+def test_step_reads_nothing_from_the_device(monkeypatch, layout, fa2):
+    """After one eager step (memoised band and verdicts), a whole step with validate="shapes"
+    (append included) calls no .item() / .tolist() / bool() / nonzero: the torch path is sync-free."""
+    pre = [0, 3, 13, 30]
+    case = Case(SMALL, [p + 3 for p in pre], hq=8, hkv=2)
+    cache = case.cache(layout, capacity=64)
+    case.prefill(cache, pre)
+
+    def step(i):
+        rows = case.rows([p + i for p in pre])
+        return decode_step_fast(*[x[rows] for x in (case.q, case.k, case.v, case.gates)], cache, SMALL,
+                                fa2=fa2, validate="shapes")
+
+    step(0)
+
+    def banned(*_a, **_k):
+        raise AssertionError("host read in the step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, banned)
+    with _NoHostRead():
+        out = step(1)
+    monkeypatch.undo()
+    rows = case.rows([p + 1 for p in pre])
+    assert_close(out, case.want[rows], "sync-free step", atol=ATOL)
+
+
+def test_attend_shapes_do_not_depend_on_lengths():
+    """decode_attend_fast over the same cache geometry at lengths 1 (nothing compressed yet),
+    9, 25 and 39 runs the same ops on the same shapes (what a CUDA graph needs)."""
+    seen = []
+
+    class Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            seen[-1].append((str(func), shapes))
+            return out
+
+    case = Case(SMALL, [40, 40], hq=8, hkv=2)
+    cache = case.cache(5, capacity=40)
+    case.prefill(cache, [0, 0])
+    for t in range(40):
+        rows = case.rows([t, t])
+        cache.append(case.k[rows], case.v[rows])
+        if t == 0:  # eager warm-up: memoises the selection band (as before a graph capture)
+            decode_attend_fast(case.q[rows], case.gates[rows], cache, SMALL, fa2=None)
+        if t in (1, 9, 25, 39):
+            seen.append([])
+            with Shapes():
+                decode_attend_fast(case.q[rows], case.gates[rows], cache, SMALL, fa2=None)
+    assert all(s == seen[0] for s in seen[1:])
+
+
+# -- refusals: those of decode_step_batched, nothing written --------------------------------------
+
+def _bytes(cache):
+    return [t.clone() for s in (cache.raw, cache.cmp) for t in (s.k_pages, s.v_pages, s.cache_seqlens)] + [cache.lengths]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(
+    "edit, error, pattern",
+    [
+        (lambda a: [a[0][:2], *a[1:]], ValueError, r"decode_step_fast: .*same \(B, n\)"),
+        (lambda a: [a[0][:2], a[1][:2], a[2][:2], a[3][:2]], KVCacheError, r"has 2.*B = 3"),
+        (lambda a: [*a[:3], a[3][..., :2]], ValueError, r"gates must be"),
+        (lambda a: [*a[:3], a[3] + 1.5], ValueError, r"\[0, 1\]"),
+        (lambda a: [a[0], a[1][:, None], *a[2:]], ValueError, r"decode_step_fast: .*all be 3-D .* or all 4-D"),
+        (lambda a: [x.float() for x in a], TypeError, r"holds torch.float64"),
+    ],
+    ids=["B-q", "B-cache", "gates-shape", "gates-range", "rank", "dtype"],
+)
+def test_refusals_are_those_of_the_reference(edit, error, pattern):
+    case = Case(SMALL, [10, 10, 10])
+    cache = case.cache(3)
+    case.prefill(cache, [4, 0, 9])
+    before = _bytes(cache)
+    rows = case.rows([4, 0, 9])
+    args = edit([x[rows] for x in (case.q, case.k, case.v, case.gates)])
+    with pytest.raises(error, match=pattern):
+        decode_step_fast(*args, cache, SMALL)
+    with pytest.raises(error, match=pattern.replace("decode_step_fast", "decode_step_batched")):
+        decode_step_batched(*args, cache, SMALL)
+    assert _same(before, _bytes(cache)), "a refused step changed the cache"
+
+
+def test_capacity_and_config_refusals():
+    case = Case(SMALL, [10, 10])
+    cache = case.cache("contiguous", capacity=10)
+    case.prefill(cache, [9, 10])
+    before = _bytes(cache)
+    args = [x[case.rows([9, 9])] for x in (case.q, case.k, case.v, case.gates)]
+    with pytest.raises(CacheCapacityError, match="sequence 1 holds 10 of 10"):
+        decode_step_fast(*args, cache, SMALL)
+    with pytest.raises(KVCacheError, match="decode_step_fast: cfg .* differs from the cache"):
+        decode_step_fast(*args, cache, ODD)
+    with pytest.raises(ValueError, match="validate must be one of"):
+        decode_step_fast(*args, cache, SMALL, validate="none")
+    assert _same(before, _bytes(cache))
+
+
+# -- the device benchmark's CPU smoke mode -------------------------------------------------------
+
+def test_decode_bench_tiny_cpu(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[2] / "conformance" / "tools" / "device" / "decode_bench.py"
+    spec = importlib.util.spec_from_file_location("decode_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--plot"])
+    rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    assert (tmp_path / "decode_bench.csv").exists()
+    assert all(r["max_abs_diff_vs_reference"] < 1e-4 for r in rows), rows
+    assert "tokens/s" in capsys.readouterr().out
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+def _gpu_case(B=4, pre=(0, 300, 1030, 2000), hq=16, hkv=4, d=128, page_size=256, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cap = 2304
+    max_pages = cap // page_size
+    table = torch.randperm(B * max_pages, device="cuda", generator=g).to(torch.int32).reshape(B, max_pages)
+    caches = [NSAKVCache.allocate_paged(table.clone(), B * max_pages, page_size, hkv, d, PAPER,
+                                        dtype=torch.bfloat16) for _ in range(2)]
+    T = sum(pre)
+    k = torch.randn(T, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(T, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = torch.tensor([0, *torch.tensor(pre).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    for c in caches:
+        c.prefill(k, v, cu)
+
+    def inputs(step):
+        gs = torch.Generator(device="cuda").manual_seed(1000 + step)
+        return (torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16, generator=gs),
+                torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gs),
+                torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gs),
+                torch.rand(B, hq, 3, device="cuda", dtype=torch.bfloat16, generator=gs))
+    return caches, inputs
+
+
+def _bf16_close(got, want, what):
+    err = (got.float() - want.float()).abs().max().item()
+    assert err < 2e-2, f"{what}: max|fast - reference| = {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fa2", ["auto", None], ids=["flash_attn-if-importable", "torch-path"])
+def test_gpu_fast_equals_reference(fa2):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    telemetry.reset()
+    (fast, ref), inputs = _gpu_case()
+    for step in range(6):
+        args = inputs(step)
+        got = decode_step_fast(*args, fast, PAPER, fa2=fa2)
+        want = decode_step_batched(*args, ref, PAPER)
+        _bf16_close(got, want, f"step {step}")
+    paths = _paths()
+    if fa2 is None:
+        assert paths["win"] == {("torch", "fa2=None")}, paths
+    elif importlib.util.find_spec("flash_attn") is not None:
+        assert paths["win"] == paths["cmp"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fa2", ["auto", None], ids=["flash_attn-if-importable", "torch-path"])
+def test_gpu_cuda_graph_replay_equals_eager(fa2):
+    """Capture decode_attend_fast once; per step: copy the new q / gates into the static inputs,
+    append k / v eagerly (in place), replay; the output equals the eager step on a twin cache."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    (graphed, eager), inputs = _gpu_case(seed=1)
+    q0, k0, v0, g0 = inputs(0)
+    static_q, static_g = q0.clone(), g0.clone()
+    for c in (graphed, eager):
+        c.append(k0, v0)
+    decode_attend_fast(static_q, static_g, graphed, PAPER, fa2=fa2)  # warm-up: memos, kernels
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attend_fast(static_q, static_g, graphed, PAPER, fa2=fa2)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = decode_attend_fast(static_q, static_g, graphed, PAPER, fa2=fa2)
+    for step in range(1, 6):
+        q, k, v, g = inputs(step)
+        graphed.append(k, v)
+        static_q.copy_(q)
+        static_g.copy_(g)
+        graph.replay()
+        want = decode_step_fast(q, k, v, g, eager, PAPER, fa2=fa2, validate="shapes")
+        torch.cuda.synchronize()
+        assert torch.allclose(static_out.float(), want.float(), atol=1e-2, rtol=0), f"step {step}"

@@ -208,24 +208,41 @@ def cmp_torch(q: torch.Tensor, cmp: PagedView, width: int, cfg: NSAConfig) -> tu
     return attend_fixed(q, k, v, emitted[:, None, :], cfg.softmax_scale(q.shape[-1]))
 
 
+_OUT_DTYPE_BMM = [True]  # torch.bmm(..., out_dtype=fp32) on CUDA 16-bit inputs; False once refused
+
+
+def scores_fp32(qg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """qg (B, Hkv, G, D), k (B, Tc, Hkv, D) (a page pool read in place) -> q.k (B, Hkv, G, Tc) in
+    the accumulation dtype. On CUDA with 16-bit inputs: one bmm per KV head over k's strided
+    view, accumulated and written in fp32 (``out_dtype``), so k is neither copied nor upcast;
+    elsewhere (or where torch refuses ``out_dtype``) both are upcast first."""
+    acc = _acc(qg.dtype)
+    if acc != qg.dtype and qg.is_cuda and _OUT_DTYPE_BMM[0]:
+        try:
+            return torch.stack([torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2), out_dtype=acc)
+                                for h in range(k.shape[2])], dim=1)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_BMM[0] = False
+    return torch.matmul(qg.to(acc), k.to(acc).permute(0, 2, 3, 1))
+
+
 def cmp_probs_from_lse(q: torch.Tensor, lse: torch.Tensor, cmp: PagedView, width: int, cfg: NSAConfig) -> torch.Tensor:
     """The scoring pass after an FA-2 cmp call: p = exp(scale * q.k_cmp - lse) over the emitted
     slots, 0 elsewhere (and where lse is FA-2's +inf of an empty row), in the accumulation dtype.
-    q (B, Hq, Dk), lse (B, Hq) fp32 -> p (B, Hq, Tc)."""
+    q (B, Hq, Dk), lse (B, Hq) fp32 -> p (B, Hq, Tc). The elementwise steps run in place."""
     B, Hq, Dk = q.shape
     acc = _acc(q.dtype)
     if cmp.dense:  # the pool is (B, Tc_pool, Hkv, D): read it in place, mask afterwards
         i = torch.arange(width, device=q.device)
         emitted = i[None, :] < cmp.cache_seqlens[:, None]
-        k = cmp.k_pages[:, :width].transpose(1, 2)
+        k = cmp.k_pages[:, :width]
     else:
         k, _, emitted = cmp_keys(cmp, width)
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, Hq // Hkv, Dk).to(acc)
-    s = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * cfg.softmax_scale(Dk)  # (B, Hkv, G, Tc)
-    s = s - lse.to(acc).reshape(B, Hkv, Hq // Hkv, 1)
-    p = torch.where(emitted[:, None, None, :], torch.exp(torch.where(emitted[:, None, None, :], s, -torch.inf)), 0.0)
-    return p.reshape(B, Hq, width)
+        k = k.transpose(1, 2)
+    Hkv = k.shape[2]
+    s = scores_fp32(q.reshape(B, Hkv, Hq // Hkv, Dk), k)  # (B, Hkv, G, Tc)
+    s.mul_(cfg.softmax_scale(Dk)).sub_(lse.to(acc).reshape(B, Hkv, Hq // Hkv, 1)).exp_()
+    return s.masked_fill_(~emitted[:, None, None, :], 0.0).reshape(B, Hq, width)  # also NaN of unwritten slots
 
 
 _bands: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -241,6 +241,11 @@ class PagedKV:
         self.lengths = [x + n for x in self.lengths]
         self.cache_seqlens.add_(n)
 
+    def set_host_lengths(self, new_lengths: Sequence[int]) -> None:
+        """Host lengths only -> ``new_lengths``: after a device-side append (a replayed CUDA graph)
+        already advanced ``cache_seqlens`` to the same numbers."""
+        self.lengths = list(new_lengths)
+
     def read(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence b's tokens as new tensors: k (S_b, H, Dk), v (S_b, H, Dv) (inspection, tests)."""
         n = self.lengths[b]

@@ -21,6 +21,7 @@ import torch
 from nsa_ref import NSAConfig, selection, telemetry
 from nsa_ref.decode_batched import decode_step_batched
 from nsa_ref.decode_fast import (
+    CapturedDecodeStep,
     KVCacheKernel,
     block_scores_banded,
     contract_verdict,
@@ -297,6 +298,75 @@ def test_attend_shapes_do_not_depend_on_lengths():
     assert all(s == seen[0] for s in seen[1:])
 
 
+# -- the step with the device-side append (CapturedDecodeStep; eager on the CPU) -----------------
+
+@pytest.mark.parametrize("layout", ["contiguous", 3, 5], ids=lambda x: f"page{x}" if x != "contiguous" else x)
+@pytest.mark.parametrize("name", ["small", "odd"])
+def test_captured_step_equals_prefill(name, layout):
+    """append_static (the raw token and the last compressed block of every sequence rewritten on
+    the device) + decode_attend_fast, run as CapturedDecodeStep (graph=False): equal to prefill for
+    20 steps from prompts 0, 3, 13, 30, host and device lengths and the cache contents as after
+    the eager append."""
+    pre, steps = [0, 3, 13, 30], 20
+    case = Case(CONFIGS[name], [p + steps for p in pre], hq=8, hkv=2, seed=11)
+    cache, eager = case.cache(layout, capacity=64, poison=True), case.cache(layout, capacity=64, poison=True)
+    case.prefill(cache, pre)
+    case.prefill(eager, pre)
+    step = None
+    for i in range(steps):
+        rows = case.rows([p + i for p in pre])
+        args = [x[rows] for x in (case.q, case.k, case.v, case.gates)]
+        step = step or CapturedDecodeStep(cache, case.cfg, *args, fa2=None, graph=False)
+        got = step(*args)
+        eager.append(args[1], args[2])
+        assert_close(got, case.want[rows], f"captured step {i}", atol=ATOL)
+        assert cache.lengths == eager.lengths and cache.num_cmp_blocks == eager.num_cmp_blocks
+        assert torch.equal(cache.cache_seqlens, eager.cache_seqlens)
+        assert torch.equal(cache.cmp.cache_seqlens, eager.cmp.cache_seqlens)
+    for b in range(len(pre)):
+        for x, y in zip(cache.sequence(b), eager.sequence(b)):
+            assert torch.equal(x, y), f"cache contents of sequence {b}"
+
+
+def test_captured_step_refusals():
+    case = Case(SMALL, [10, 10])
+    cache = case.cache("contiguous", capacity=10)
+    case.prefill(cache, [8, 9])
+    args = [x[case.rows([8, 9])] for x in (case.q, case.k, case.v, case.gates)]
+    step = CapturedDecodeStep(cache, SMALL, *args, fa2=None, graph=False)
+    step(*args)
+    before = _bytes(cache)
+    with pytest.raises(CacheCapacityError, match="sequence 1 holds 10 of 10"):
+        step(*args)
+    with pytest.raises(ValueError, match=r"q must be \(2, 4, 5\) as captured"):
+        step(args[0][:1], *args[1:])
+    assert _same(before, _bytes(cache))
+    with pytest.raises(ValueError, match="one token per sequence"):
+        CapturedDecodeStep(cache, SMALL, *[x[:, None].expand(2, 2, *x.shape[1:]) for x in args], graph=False)
+    table = torch.tensor([[0, 1], [-1, 2]], dtype=torch.int32)  # sequence 1: no page for compressed slot 0
+    paged = NSAKVCache.allocate_paged(torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), 4, 5, 2, 5, SMALL,
+                                      v_head_dim=3, dtype=torch.float64, cmp_block_table=table,
+                                      cmp_num_pages=3, cmp_page_size=2)
+    with pytest.raises(KVCacheError, match="compressed slot 0"):
+        CapturedDecodeStep(paged, SMALL, *args, graph=False)
+
+
+def test_captured_step_reads_nothing_from_the_device(monkeypatch):
+    pre = [0, 3, 13, 30]
+    case = Case(SMALL, [p + 3 for p in pre], hq=8, hkv=2)
+    cache = case.cache(5, capacity=64)
+    case.prefill(cache, pre)
+    args = [[x[case.rows([p + i for p in pre])] for x in (case.q, case.k, case.v, case.gates)] for i in range(3)]
+    step = CapturedDecodeStep(cache, SMALL, *args[0], fa2=None, graph=False)
+    step(*args[0])
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("host read")))
+    with _NoHostRead():
+        out = step(*args[1])
+    monkeypatch.undo()
+    assert_close(out, case.want[case.rows([p + 1 for p in pre])], "sync-free captured step", atol=ATOL)
+
+
 # -- refusals: those of decode_step_batched, nothing written --------------------------------------
 
 def _bytes(cache):
@@ -410,6 +480,26 @@ def test_gpu_fast_equals_reference(fa2):
         assert paths["win"] == {("torch", "fa2=None")}, paths
     elif importlib.util.find_spec("flash_attn") is not None:
         assert paths["win"] == paths["cmp"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fa2", ["auto", None], ids=["flash_attn-if-importable", "torch-path"])
+def test_gpu_captured_whole_step_equals_reference(fa2):
+    """CapturedDecodeStep (append included in the graph) for 40 steps (compressed blocks emitted on
+    the way) against decode_step_batched on a twin cache; lengths and block counts agree."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    (graphed, ref), inputs = _gpu_case(seed=2)
+    step = CapturedDecodeStep(graphed, PAPER, *inputs(0), fa2=fa2)
+    assert step.graph is not None
+    for i in range(40):
+        args = inputs(i)
+        got = step(*args).clone()
+        want = decode_step_batched(*args, ref, PAPER)
+        _bf16_close(got, want, f"step {i}")
+        assert graphed.lengths == ref.lengths and graphed.num_cmp_blocks == ref.num_cmp_blocks
+    assert torch.equal(graphed.cache_seqlens, ref.cache_seqlens)
+    assert torch.equal(graphed.cmp.cache_seqlens, ref.cmp.cache_seqlens)
 
 
 @pytest.mark.gpu

@@ -143,7 +143,7 @@ class Packing:
     def max_seqlen(self) -> int:
         """Longest sequence (as handed in, or from the offsets)."""
         if self._max is None:
-            self._max = max(self.lengths, default=0)
+            self._max = max([0, *self.lengths])
         return self._max
 
     def cmp_lengths(self, cfg: "NSAConfig") -> list[int]:

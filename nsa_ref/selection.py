@@ -70,7 +70,7 @@ def cmp_probabilities(
     """
     T, Hq, _ = q.shape
     tc_list = varlen.cmp_seqlens(cu_seqlens, T, cfg)
-    tc_max = max(tc_list, default=0)
+    tc_max = max([0, *tc_list])
     rows = []
     ca = 0
     for (a, b), tc in zip(varlen.seq_bounds(cu_seqlens, T), tc_list):

@@ -275,7 +275,8 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     _, _, BT = _geometry(q, k_cmp.shape[1])
     tiles = row_tiles(lengths, BT, [masks.num_cmp_blocks(n, cfg) for n in lengths])
     pos = token_positions(cu_seqlens, T, q.device)[0].to(torch.int32)
-    nb_max = max((masks.num_sel_blocks(n, cfg) for n in lengths), default=0)
+    # max([0, ...]), not max(..., default=0): torch 2.11's dynamo breaks the graph on default=.
+    nb_max = max([0, *(masks.num_sel_blocks(n, cfg) for n in lengths)])
     return _select(q, k_cmp, cfg, tiles, pos, nb_max, lse)
 
 
@@ -286,7 +287,7 @@ def select_blocks_decode(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     (Tc_total, Hkv, Dk) holds sequence b's cmp_count[b] compressed blocks from row cmp_start[b]
     -> block_idx (B, Hkv, n_sel) int32, the blocks prefill would select at that position."""
     tiles = [(b, p, p + 1, cs, tc) for b, (p, cs, tc) in enumerate(zip(pos, cmp_start, cmp_count))]
-    nb_max = max((masks.num_sel_blocks(p + 1, cfg) for p in pos), default=0)
+    nb_max = max([0, *(masks.num_sel_blocks(p + 1, cfg) for p in pos)])
     pos_t = torch.tensor(pos, dtype=torch.int32, device=q.device)
     return _select(q, k_cmp, cfg, tiles, pos_t, nb_max, None)
 
@@ -343,7 +344,7 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     if lse is None:
         lse = cmp_lse(q, k_cmp, cfg, cu_seqlens)
     lengths = seq_lengths(cu_seqlens, T)
-    nb_max = max((masks.num_sel_blocks(n, cfg) for n in lengths), default=0)
+    nb_max = max([0, *(masks.num_sel_blocks(n, cfg) for n in lengths)])
     scores = torch.zeros(T, Hkv, nb_max, dtype=acc_dtype(q.dtype), device=q.device)
     if T == 0:
         return scores

@@ -420,11 +420,33 @@ def test_capacity_and_config_refusals():
 
 # -- the device benchmark's CPU smoke mode -------------------------------------------------------
 
-def test_decode_bench_tiny_cpu(tmp_path, capsys):
+def _bench_script():
     path = Path(__file__).resolve().parents[2] / "conformance" / "tools" / "device" / "decode_bench.py"
     spec = importlib.util.spec_from_file_location("decode_bench", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_decode_bench_fill_equals_prefill():
+    """The benchmark's direct page fill (random tokens, compressed blocks = their means) holds what
+    prefill of the same tokens would hold."""
+    script = _bench_script()
+    cfg = script.TINY_CFG
+    filled = NSAKVCache.allocate(3, 200, 2, 16, cfg, dtype=torch.float64)
+    script.fill_cache(filled, 150, torch.Generator().manual_seed(0))
+    seqs = [filled.sequence(b) for b in range(3)]
+    prefilled = NSAKVCache.allocate(3, 200, 2, 16, cfg, dtype=torch.float64)
+    prefilled.prefill(torch.cat([s[0] for s in seqs]), torch.cat([s[1] for s in seqs]),
+                      torch.arange(0, 451, 150, dtype=torch.int32))
+    assert filled.lengths == prefilled.lengths and filled.num_cmp_blocks == prefilled.num_cmp_blocks == [36] * 3
+    for b in range(3):
+        for x, y in zip(seqs[b], prefilled.sequence(b)):
+            assert torch.equal(x, y)
+
+
+def test_decode_bench_tiny_cpu(tmp_path, capsys):
+    script = _bench_script()
     script.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--plot"])
     rows = json.loads((tmp_path / "decode_bench.json").read_text())["rows"]
     assert rows and all(r["status"] == "ok" for r in rows), rows

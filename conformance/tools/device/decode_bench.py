@@ -9,8 +9,9 @@ tokens per sequence (random K/V written into the pages, compressed blocks comput
 then times with CUDA events (``--warmup`` steps, median of ``--iters``):
 
     nsa_eager_ms   ``decode_step_fast`` (append + branches), eager
-    nsa_graph_ms   the same step with ``decode_attend_fast`` replayed from a CUDA graph (the append,
-                   which runs on the cache's host lists, stays eager); nsa_graph_attend_ms: the replay alone
+    nsa_graph_ms   the same step as ``CapturedDecodeStep``: append (``append_static``) and branches
+                   replayed from one CUDA graph, plus its host bookkeeping (room check, lengths);
+                   nsa_graph_attend_ms: ``decode_attend_fast`` alone replayed from a graph
     full_eager_ms  full attention: ``flash_attn_with_kvcache`` (append + attention) on a dense raw cache
                    of the same context; full_graph_ms: the same call replayed from a CUDA graph
 
@@ -39,7 +40,13 @@ from nsa_ref import NSAConfig, telemetry
 from nsa_ref.api import combine_branches
 from nsa_ref.compress import mean_phi
 from nsa_ref.decode_batched import cmp_branch, sel_branch, select_from_probs, win_branch
-from nsa_ref.decode_fast import attend_fixed, decode_attend_fast, decode_step_fast, resolve_kvcache
+from nsa_ref.decode_fast import (
+    CapturedDecodeStep,
+    attend_fixed,
+    decode_attend_fast,
+    decode_step_fast,
+    resolve_kvcache,
+)
 from nsa_ref.kv_cache import NSAKVCache
 
 TINY = dict(batches=[1, 3], contexts=[40, 150], hq=8, hkv=2, dim=16, warmup=1, iters=3)
@@ -88,9 +95,9 @@ def fill_cache(cache: NSAKVCache, T: int, gen: torch.Generator) -> None:
             pages[:, :T].normal_(generator=gen)
         tc = cfg.num_cmp_blocks(T)
         for src, dst in ((raw.k_pages, cmp.k_pages), (raw.v_pages, cmp.v_pages)):
-            if tc:  # block i = mean of tokens [i*d, i*d + l), computed in fp32 like compress.mean_phi
-                blocks = src[:, : (tc - 1) * cfg.block_stride + cfg.block_len].unfold(1, cfg.block_len, cfg.block_stride)
-                dst[:, :tc] = blocks.float().mean(-1).to(dst.dtype)
+            for b in range(B if tc else 0):  # block i = mean of tokens [i*d, i*d + l) (mean_phi); per sequence
+                blocks = src[b, : (tc - 1) * cfg.block_stride + cfg.block_len].unfold(0, cfg.block_len, cfg.block_stride)
+                dst[b, :tc] = blocks.to(torch.promote_types(blocks.dtype, torch.float32)).mean(-1).to(dst.dtype)
         raw.set_lengths([T] * B)
         cmp.set_lengths([tc] * B)
         return
@@ -140,7 +147,7 @@ def full_attention(device: torch.device):
     return "torch (masked softmax over the dense cache)", torch_full
 
 
-def graph_of(fn, device: torch.device):
+def graph_of(fn):
     """Capture fn() in a CUDA graph (after a warm-up on a side stream) -> (graph, static output)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -151,6 +158,14 @@ def graph_of(fn, device: torch.device):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+class CapturedAttend:
+    """decode_attend_fast alone (no append) in a CUDA graph: the branches' share of the step."""
+
+    def __init__(self, cache, cfg, q, gates, fa2):
+        self.q, self.g = q.clone(), gates.clone()
+        self.graph, self.out = graph_of(lambda: decode_attend_fast(self.q, self.g, cache, cfg, fa2=fa2))
 
 
 def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype: torch.dtype) -> dict:
@@ -199,20 +214,17 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
 
     row["nsa_eager_ms"] = timer.median_ms(nsa_step, args.warmup, args.iters)
     if device.type == "cuda":
-        static_q, static_g = qs[0].clone(), gs[0].clone()
-        graph, _ = graph_of(lambda: decode_attend_fast(static_q, static_g, cache, cfg, fa2=fa2), device)
+        step = CapturedDecodeStep(cache, cfg, qs[i[0]], ks[i[0]], vs[i[0]], gs[i[0]], fa2=fa2)
 
         def nsa_graph_step():
             j = i[0]
             i[0] += 1
-            cache.append(ks[j], vs[j])
-            static_q.copy_(qs[j])
-            static_g.copy_(gs[j])
-            graph.replay()
+            step(qs[j], ks[j], vs[j], gs[j])
 
         row["nsa_graph_ms"] = timer.median_ms(nsa_graph_step, args.warmup, args.iters)
-        row["nsa_graph_attend_ms"] = timer.median_ms(graph.replay, args.warmup, args.iters)
-        del graph
+        attend = CapturedAttend(cache, cfg, qs[0], gs[0], fa2)
+        row["nsa_graph_attend_ms"] = timer.median_ms(attend.graph.replay, args.warmup, args.iters)
+        del step, attend
     del cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -224,7 +236,7 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
     q1, k1, v1 = qs[0][:, None].clone(), ks[0][:, None].clone(), vs[0][:, None].clone()
     row["full_eager_ms"] = timer.median_ms(lambda: full(q1, kc, vc, k1, v1, seqlens), args.warmup, args.iters)
     if device.type == "cuda":
-        graph, _ = graph_of(lambda: full(q1, kc, vc, k1, v1, seqlens), device)
+        graph, _ = graph_of(lambda: full(q1, kc, vc, k1, v1, seqlens))
         row["full_graph_ms"] = timer.median_ms(graph.replay, args.warmup, args.iters)
         del graph
     del kc, vc

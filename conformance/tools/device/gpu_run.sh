@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
 # GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
-#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz] [extra bench args...]
+#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz|decode] [extra bench args...]
+#   decode: the fast decode step's GPU tests (tests/nsa_ref/test_decode_fast.py -m gpu), then
+#           conformance/tools/device/decode_bench.py (extra args go to it) into $OUT/decode_bench
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/nsa_out}; mkdir -p "$OUT"
@@ -35,4 +37,10 @@ if [ "$what" = contract_fuzz ]; then
   timeout "${CONTRACT_FUZZ_TIMEOUT:-500}" python3 conformance/tools/device/contract_fuzz.py \
     --calls "${CONTRACT_FUZZ_CALLS:-12000}" --workers "${CONTRACT_FUZZ_WORKERS:-4}" --budget "${CONTRACT_FUZZ_BUDGET:-360}" \
     --out "$OUT/contract_fuzz" 2>&1 | tee "$OUT/contract_fuzz.log" | tail -40
+fi
+if [ "$what" = decode ]; then
+  timeout "${PYTEST_TIMEOUT:-240}" python3 -m pytest tests/nsa_ref/test_decode_fast.py -m gpu -q -p no:cacheprovider -rfEs \
+    --junitxml="$OUT/decode_gpu_junit.xml" 2>&1 | tee "$OUT/decode_gpu_pytest.log" | tail -30
+  timeout "${BENCH_TIMEOUT:-300}" python3 conformance/tools/device/decode_bench.py --out "$OUT/decode_bench" --plot "$@" \
+    2>&1 | tee "$OUT/decode_bench.log" | tail -25
 fi

@@ -1,4 +1,5 @@
-"""The environment a result belongs to: GPU, driver, CUDA, torch, FA-2 providers and versions.
+"""The environment a result belongs to: GPU, driver, CUDA, torch, FA-2 providers and versions,
+and the peer NSA implementations a run could import (FLA's fla-core, native-sparse-attention-triton).
 
     python -m conformance.tools.envinfo            # JSON on stdout
 """
@@ -30,6 +31,29 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+#: Peer NSA implementations: import name -> distribution name (None: used from a source checkout).
+PEERS = {"fla": "fla-core", "native_sparse_attention": None}
+
+
+def _peers() -> dict:
+    """Each peer's version, or where its source is imported from, without importing it."""
+    import importlib.util
+
+    found = {}
+    for module, dist in PEERS.items():
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            found[module] = "not importable"
+        elif dist is not None and _version(dist) != "not installed":
+            found[module] = f"{dist} {_version(dist)}"
+        else:
+            found[module] = f"source at {spec.origin}"
+    return found
+
+
 def collect() -> dict:
     """A flat dict describing this machine; never raises on a CPU-only machine."""
     import torch
@@ -45,6 +69,7 @@ def collect() -> dict:
         "pydantic": _version("pydantic"),
         "torch_fa2_op": hasattr(torch.ops.aten, "_flash_attention_forward"),
         "driver": _driver(),
+        "peers": _peers(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -143,3 +143,14 @@ def test_reference_agrees_with_the_probes_reference():
         assert torch.allclose(got, want, atol=1e-9), s.label()
         checked[entry] += 1
     assert min(checked.values()) == 20
+
+
+def test_false_rejects_are_classified_by_the_rule_kind():
+    """A silent-corruption rule that one draw ran clean is a hazard, not a contract bug; an error
+    rule refusing a call that ran clean is a bug."""
+    rec = {"provider": "flash_attn", "entry": "dense", "label": "#1", "outcome": "ok", "detail": "",
+           "class": "false_reject", "rules": ["FA2-SOFTMAX-SCALE", "FA2-HEAD-DIM"],
+           "kinds": {"FA2-SOFTMAX-SCALE": "corruption", "FA2-HEAD-DIM": "clean-error"}}
+    by_rule = CF.summarize([rec], {})["false_rejects_by_rule"]
+    assert by_rule["FA2-SOFTMAX-SCALE"]["class"].startswith("hazard")
+    assert by_rule["FA2-HEAD-DIM"]["class"].startswith("contract bug")

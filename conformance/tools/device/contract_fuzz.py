@@ -690,6 +690,7 @@ def run(specs: list[Spec], *, backend: str, caps: str | None, workers: int, time
             rec["detail"] = f"unbuildable: {type(exc).__name__}: {exc}"[:300]
             continue
         rec["rules"] = [r["rule"] for r in reasons]
+        rec["kinds"] = {r["rule"]: r["kind"] for r in reasons}
         if any(r["kind"] == "crash" for r in reasons) and not run_crash:
             rec["detail"] = "rejected by a crash rule (not run)"
         else:
@@ -728,6 +729,19 @@ def run(specs: list[Spec], *, backend: str, caps: str | None, workers: int, time
     return out
 
 
+#: A rule of these kinds refuses what corrupts silently on some draws: one draw that ran clean does
+#: not show the rule wrong (a negative softmax_scale is harmless until the scores overflow).
+HAZARD_KINDS = ("corruption", "semantics")
+
+
+def false_reject_class(kind: str) -> str:
+    """How a false reject by a rule of ``kind`` reads: a hazard one draw missed, or a contract bug
+    (an error/crash rule refused a call the kernel ran correctly)."""
+    if kind in HAZARD_KINDS:
+        return "hazard: silent-corruption rule, this draw happened to run clean"
+    return "contract bug: the kernel ran this call correctly"
+
+
 def summarize(records: list[dict], meta: dict) -> dict:
     def counts(rs):
         out = {"calls": len(rs), "accepted": sum(not r["rules"] for r in rs), "rejected": sum(bool(r["rules"]) for r in rs),
@@ -741,14 +755,18 @@ def summarize(records: list[dict], meta: dict) -> dict:
     for r in records:
         by_entry.setdefault(f"{r['provider']}.{r['entry']}", []).append(r)
     false_rejects: dict = {}
+    kinds: dict = {}
     for r in records:
         if r["class"] == "false_reject":
             for rule in r["rules"]:
                 false_rejects.setdefault(rule, []).append(r["label"])
+                kinds[rule] = r.get("kinds", {}).get(rule, "?")
     return {**meta, "total": counts(records), "by_entry": {k: counts(v) for k, v in sorted(by_entry.items())},
             "false_accepts": [{"label": r["label"], "outcome": r["outcome"], "detail": r["detail"]}
                               for r in records if r["class"] == "false_accept"],
-            "false_rejects_by_rule": {k: {"count": len(v), "examples": v[:5]} for k, v in sorted(false_rejects.items())},
+            "false_rejects_by_rule": {k: {"count": len(v), "examples": v[:5], "kind": kinds[k],
+                                          "class": false_reject_class(kinds[k])}
+                                      for k, v in sorted(false_rejects.items())},
             "unverified": [{"label": r["label"], "detail": r["detail"]} for r in records
                            if r["class"] in ("unverified", "unbuildable")][:30]}
 
@@ -770,7 +788,8 @@ def markdown(summary: dict) -> str:
              "```", table(summary), "```", "", "## False accepts", ""]
     lines += [f"- `{x['label']}` -> {x['outcome']}: {x['detail']}" for x in summary["false_accepts"][:50]] or ["None."]
     lines += ["", "## False rejects by rule", ""]
-    lines += [f"- `{rule}`: {v['count']}, e.g. `{v['examples'][0]}`" for rule, v in summary["false_rejects_by_rule"].items()] \
+    lines += [f"- `{rule}` ({v.get('kind', '?')}; {v.get('class', '?')}): {v['count']}, e.g. `{v['examples'][0]}`"
+              for rule, v in summary["false_rejects_by_rule"].items()] \
         or ["None."]
     if summary["unverified"]:
         lines += ["", "## Unverified", ""] + [f"- `{u['label']}`: {u['detail']}" for u in summary["unverified"]]

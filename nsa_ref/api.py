@@ -190,7 +190,8 @@ def nsa_attention(
     that copy. ``validate``: "values" (default; gates checked in [0, 1], one device sync) or
     "shapes" (no device read: CUDA graphs, torch.compile(fullgraph=True)); see ``nsa_ref.inputs``.
     ``settings``: the NSA_* flags for this call (e.g. a pinned FA-2 provider); None reads them
-    from the environment.
+    from the environment. ``torch.compile(fullgraph=True)`` on CUDA: call once eagerly with the
+    same shapes first; the trace takes the routes decided then (``nsa_ref.router.choose``).
     """
     check_cfg(cfg)
     if cfg.compress != "mean":

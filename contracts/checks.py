@@ -14,6 +14,7 @@ from typing import Any
 
 from .caps import DeviceCaps
 from .catalog import RULES
+from .fast import FAST
 from .facts import CallFacts, dense_facts, kvcache_facts, settings_line, varlen_facts
 from .reason import FA2ContractError, Reason
 from .rules import PREDICATES
@@ -25,10 +26,12 @@ Provider = str | ProviderSpec
 
 
 def _plan(kind: str):
-    """(pre, post, backward, strict) lists of (rule id, predicate) for one call kind, in catalog order.
+    """(pre, post, backward, strict, fast, rest) for one call kind; lists of (rule id, predicate) in
+    catalog order.
 
     pre: forward rules that read no shapes; post: forward rules that do (run when FA2-RANK holds);
-    backward: phase-backward rules (need shapes); strict: the value rules.
+    backward: phase-backward rules (need shapes); strict: the value rules. fast: the kind's fused
+    test (``fast.py``) or None; rest: the forward meta rules it does not decide (run after a True).
     """
     pre, post, backward, strict = [], [], [], []
     for rid, (fn, needs_shapes) in PREDICATES.items():
@@ -42,7 +45,9 @@ def _plan(kind: str):
     for rid, fn in STRICT_PREDICATES.items():
         if kind in RULES[rid].applies_to:
             strict.append((rid, fn))
-    return tuple(pre), tuple(post), tuple(backward), tuple(strict)
+    fast, covers = FAST.get(kind, (None, frozenset()))
+    rest = tuple((rid, fn) for rid, fn in pre + post if rid not in covers)
+    return tuple(pre), tuple(post), tuple(backward), tuple(strict), fast, rest
 
 
 _PLANS = {kind: _plan(kind) for kind in ("dense", "varlen", "kvcache")}
@@ -56,17 +61,24 @@ def _reason(rid: str, message: str) -> Reason:
 def evaluate(c: CallFacts) -> list[Reason]:
     """Run every rule that applies to ``c`` (backward rules when ``c.backward``); the valid path
     builds no objects and formats nothing."""
-    pre, post, backward, strict = _PLANS[c.kind]
+    pre, post, backward, strict, fast, rest = _PLANS[c.kind]
     found: list[tuple[str, str]] = []
-    for rid, fn in pre:
-        message = fn(c)
-        if message is not None:
-            found.append((rid, message))
-    if c.rank_ok:
-        for rid, fn in post:
+    if fast is not None and fast(c):  # every rule the fused test covers holds (rank_ok among them)
+        for rid, fn in rest:
             message = fn(c)
             if message is not None:
                 found.append((rid, message))
+    else:
+        for rid, fn in pre:
+            message = fn(c)
+            if message is not None:
+                found.append((rid, message))
+        if c.rank_ok:
+            for rid, fn in post:
+                message = fn(c)
+                if message is not None:
+                    found.append((rid, message))
+    if c.rank_ok:
         if c.backward:
             for rid, fn in backward:
                 message = fn(c)

@@ -48,6 +48,8 @@ class CallFacts:
     cu_q = cu_k = seqused_k = block_table = cache_seqlens = cache_batch_idx = cache_leftpad = None
     rank_ok = False
     qs = ks = vs = b = sq = sk = hq = hk = d = dv = None
+    # kvcache: shapes of the new k / v (None when not given).
+    kns = vns = None
     total_q = total_k = max_q = max_k = None
     paged = False
     page_size = num_blocks = pages_per_seq = s_new = None
@@ -305,8 +307,11 @@ def kvcache_facts(
                 c.sk = c.pages_per_seq * c.page_size
         else:
             c.sk = ks[1]
-        if isinstance(k, Tensor):
-            c.s_new = k.shape[1]
+        if k is not None:
+            c.kns = kns = k.shape
+            c.s_new = kns[1]
+        if v is not None:
+            c.vns = v.shape
     return c
 
 

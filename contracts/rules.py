@@ -76,8 +76,15 @@ def fa2_device(c: CallFacts) -> str | None:
     q = c.q
     if not isinstance(q, Tensor):
         return None
-    dq = q.device
     k, v = c.k, c.v
+    if q.is_cpu:  # the common CPU case: a bool property, no torch.device objects
+        if (not isinstance(k, Tensor) or k.is_cpu) and (not isinstance(v, Tensor) or v.is_cpu):
+            for t in c.others:
+                if t is not None and isinstance(t, Tensor) and not t.is_cpu:
+                    break
+            else:
+                return None
+    dq = q.device
     if (not isinstance(k, Tensor) or k.device == dq) and (not isinstance(v, Tensor) or v.device == dq):
         for t in c.others:
             if t is not None and isinstance(t, Tensor) and t.device != dq:
@@ -120,10 +127,12 @@ def fa2_dtype_match(c: CallFacts) -> str | None:
         return None
     qd = q.dtype
     k, v = c.k, c.v
+    kn, vn = c.k_new, c.v_new
     if (
         (not isinstance(k, Tensor) or k.dtype == qd)
         and (not isinstance(v, Tensor) or v.dtype == qd)
-        and c.k_new is None and c.v_new is None
+        and (kn is None or (isinstance(kn, Tensor) and kn.dtype == qd))
+        and (vn is None or (isinstance(vn, Tensor) and vn.dtype == qd))
     ):
         return None
     named = ((c.k_name, k), (c.v_name, v), ("k", c.k_new), ("v", c.v_new))
@@ -327,8 +336,17 @@ def fa2_qk_shape(c: CallFacts) -> str | None:
 
 def fa2_kv_shape(c: CallFacts) -> str | None:
     ks, vs = c.ks, c.vs
-    if c.kind != "kvcache" and (ks == vs or ks[:-1] == vs[:-1]):
-        return None
+    if c.kind != "kvcache":
+        if ks == vs or ks[:-1] == vs[:-1]:
+            return None
+    elif ks[0] == vs[0] and ks[1] == vs[1] and ks[2] == vs[2] and (
+            c.paged or c.cache_batch_idx is not None or ks[0] >= c.b):
+        kns, vns = c.kns, c.vns
+        if kns is None and vns is None:
+            return None
+        if kns is not None and vns is not None and kns[0] == vns[0] and kns[1] == vns[1] \
+                and kns[2] == vns[2] and kns[2] == c.hk:
+            return None
     bad = []
     if ks[:-1] != vs[:-1]:
         bad.append(f"{c.k_name} shape {tuple(ks)} and {c.v_name} shape {tuple(vs)} differ before the last dim")
@@ -612,6 +630,11 @@ def fa2_rotary_table(c: CallFacts) -> str | None:
         return None
     if cos is None:
         return "rotary_sin is given without rotary_cos: FA-2 ignores it and rotates nothing"
+    if isinstance(cos, Tensor) and isinstance(sin, Tensor):
+        cs, qd = cos.shape, c.q.dtype
+        if (len(cs) == 2 and sin.shape == cs and (c.sk is None or cs[0] >= c.sk) and cos.dtype == qd
+                and sin.dtype == qd and cos.is_contiguous() and sin.is_contiguous()):
+            return None
     bad = []
     if not isinstance(cos, Tensor) or cos.dim() != 2:
         bad.append(f"rotary_cos has shape {tuple(getattr(cos, 'shape', ()))}, expected (seqlen_ro, rotary_dim / 2)")

@@ -29,7 +29,9 @@ Per branch (telemetry records the path, "fa2" or "torch", and the reason, once p
          ``masks.selection_weights`` as a gather, equal to ``selection.block_scores``), then
          ``selection.top_blocks`` (forced initial / local blocks, ties to the lower index)
     sel  the selected blocks' n_sel * l' token slots gathered from the paged raw cache (-1 and
-         s > t masked), masked softmax (fp32 for 16-bit inputs)
+         s > t masked; the visible ones are a prefix), then FA-2 kvcache over them with batch =
+         (sequence, KV head) and cache_seqlens = the visible count (``sel_call``); else the
+         masked softmax (fp32 for 16-bit inputs)
 
 The FA-2 kvcache kernel: ``fa2="auto"`` takes ``nsa_ref.fa2.resolve_provider("auto")`` and its
 ``kvcache`` entry if it has one, else ``flash_attn.flash_attn_with_kvcache`` when that provider
@@ -54,7 +56,6 @@ from nsa_ref.config import NSAConfig
 from nsa_ref.decode_batched import check_step_inputs, decode_step_batched
 from nsa_ref.decode_kvcache_calls import cmp_call, win_call
 from nsa_ref.kv_cache import NSAKVCache, PagedView
-from nsa_ref.reference import masked_softmax
 
 WHO = "decode_step_fast"
 
@@ -166,7 +167,8 @@ def attend_fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch
     acc = _acc(q.dtype)
     qg = q.reshape(B, Hkv, Hq // Hkv, Dk).to(acc)
     scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, S)
-    p, _ = masked_softmax(scores, valid[:, :, None, :])
+    hidden = ~valid[:, :, None, :]  # a row with nothing visible: softmax NaN -> masked to 0
+    p = torch.softmax(scores.masked_fill(hidden, -torch.inf), dim=-1).masked_fill(hidden, 0.0)
     out = torch.matmul(p, v.to(acc))  # (B, Hkv, G, Dv)
     return out.reshape(B, Hq, v.shape[-1]).to(q.dtype), p.reshape(B, Hq, S)
 
@@ -283,18 +285,39 @@ def block_scores_banded(p_cmp: torch.Tensor, n_kv_heads: int, num_sel: int, cfg:
     return (taps * w).sum(-1)
 
 
-def sel_torch(q: torch.Tensor, t: torch.Tensor, block_idx: torch.Tensor, raw: PagedView, cfg: NSAConfig) -> torch.Tensor:
-    """q (B, Hq, Dk), t (B,), block_idx (B, Hkv, n_sel) int32 -> o_sel (B, Hq, Dv): the n_sel * l'
-    token slots of the selected blocks, -1 entries and s > t masked (``masks.causal_visible``)."""
+def sel_gather(t: torch.Tensor, block_idx: torch.Tensor, raw: PagedView, cfg: NSAConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t (B,), block_idx (B, Hkv, n_sel) int32 -> (k (B, Hkv, K, Dk), v (B, Hkv, K, Dv), valid
+    (B, Hkv, K) bool), K = n_sel * l': the token slots of the selected blocks read from the paged
+    raw cache, -1 entries and s > t masked (``masks.causal_visible``), masked slots exact zeros.
+
+    The visible slots are a prefix of the K: blocks are sorted with the -1 padding last
+    (``selection.top_blocks``), and only the current block c = t // l', the largest candidate, holds
+    tokens s > t."""
     B, Hkv, n_sel = block_idx.shape
     lp = cfg.sel_block
-    s = block_idx.long()[..., None] * lp + torch.arange(lp, device=q.device)  # (B, Hkv, n_sel, l')
+    dev = block_idx.device
+    s = block_idx.long()[..., None] * lp + torch.arange(lp, device=dev)  # (B, Hkv, n_sel, l')
     valid = (block_idx >= 0)[..., None] & (s <= t[:, None, None, None])
     s, valid = s.reshape(B, Hkv, n_sel * lp), valid.reshape(B, Hkv, n_sel * lp)
-    head = torch.arange(Hkv, device=q.device)[None, :, None]
+    head = torch.arange(Hkv, device=dev)[None, :, None]
     k, v = raw.gather(_arange_b(raw, 2), s, valid, head)  # (B, Hkv, K, D)
-    return attend_fixed(q, k, v, valid, cfg.softmax_scale(q.shape[-1]))[0]
+    return k, v, valid
 
+
+def sel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, cfg: NSAConfig) -> dict:
+    """The sel branch as one ``flash_attn_with_kvcache`` call over the gathered slots: batch =
+    (sequence, KV head), its G query heads as one query row each, keys = the K gathered slots, of
+    which the first ``valid.sum()`` are visible (a prefix, see ``sel_gather``) -> cache_seqlens.
+    q (B, Hq, Dk), k (B, Hkv, K, Dk), v (B, Hkv, K, Dv), valid (B, Hkv, K) -> the call's kwargs."""
+    B, Hq, Dk = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    return dict(q=q.reshape(B * Hkv, 1, Hq // Hkv, Dk), k_cache=k.reshape(B * Hkv, K, 1, Dk),
+                v_cache=v.reshape(B * Hkv, K, 1, v.shape[-1]), cache_seqlens=valid.sum(-1, dtype=torch.int32).reshape(-1),
+                block_table=None, softmax_scale=cfg.softmax_scale(Dk), causal=False, window_size=(-1, -1))
+
+
+# -- the step -------------------------------------------------------------------------------------
 
 # -- the step -------------------------------------------------------------------------------------
 
@@ -334,8 +357,14 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     scores = block_scores_banded(p_cmp, Hkv, cfg.num_sel_blocks(raw.capacity), cfg)
     block_idx = selection.top_blocks(scores, t, cfg)  # (B, Hkv, n_sel)
     telemetry.record("select", "torch", "banded scores + top_blocks")
-    o_sel = sel_torch(q, t, block_idx, raw, cfg)
-    telemetry.record("sel", "torch", "gathered selected blocks")
+    k_sel, v_sel, valid = sel_gather(t, block_idx, raw, cfg)
+    call = sel_call(q, k_sel, v_sel, valid, cfg)
+    run_sel, sel_reason = _usable(kernel, why, call)
+    if run_sel:
+        o_sel = kernel.fn(**call).reshape(B, Hq, v_sel.shape[-1])
+    else:
+        o_sel = attend_fixed(q, k_sel, v_sel, valid, cfg.softmax_scale(Dk))[0]
+    telemetry.record("sel", "fa2" if run_sel else "torch", sel_reason)
     return combine_branches(gates, o_cmp.to(q.dtype), o_sel, o_win.to(q.dtype))
 
 

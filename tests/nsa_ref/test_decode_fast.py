@@ -151,7 +151,7 @@ def test_fa2_branches_with_emulated_kernel(name, layout):
     _steps(case, layout, pre, steps, fa2=EMULATED, capacity=64)
     paths = _paths()
     assert paths["win"] == paths["cmp"] == {("fa2", "emulated flash_attn_with_kvcache")}, paths
-    assert paths["sel"] == {("torch", "gathered selected blocks")}, paths
+    assert paths["sel"] == {("fa2", "emulated flash_attn_with_kvcache")}, paths
 
 
 def _paths() -> dict[str, set[tuple[str, str]]]:
@@ -166,8 +166,9 @@ def _paths() -> dict[str, set[tuple[str, str]]]:
 
 def test_contract_refusal_falls_back_and_is_memoised(monkeypatch):
     """bf16 raw pages of 64 tokens: FA-2 refuses win (FA2-PAGED-BLOCK-SIZE), the torch path runs
-    with the reason in telemetry; cmp's store is preallocated (dense), so its call is legal and
-    runs. The contract is evaluated once per branch for all the steps."""
+    with the reason in telemetry; cmp's store is preallocated (dense) and sel's keys are gathered
+    (dense), so their calls are legal and run. The contract is evaluated once per branch for all
+    the steps."""
     import contracts
     from nsa_ref import decode_fast
 
@@ -185,10 +186,10 @@ def test_contract_refusal_falls_back_and_is_memoised(monkeypatch):
         rows = case.rows([p + step for p in pre])
         decode_step_fast(*[x[rows].to(torch.bfloat16) for x in (case.q, case.k, case.v, case.gates)],
                          cache, SMALL, fa2=kernel)
-    assert len(calls) == 2, "one verdict per call geometry (win, cmp), not per step"
+    assert len(calls) == 3, "one verdict per call geometry (win, cmp, sel), not per step"
     paths = _paths()
     assert paths["win"] == {("torch", "contract: FA2-PAGED-BLOCK-SIZE")}, paths
-    assert paths["cmp"] == {("fa2", "strict-emulated flash_attn_with_kvcache")}, paths
+    assert paths["cmp"] == paths["sel"] == {("fa2", "strict-emulated flash_attn_with_kvcache")}, paths
 
 
 def test_verdict_of_a_legal_call_is_empty():
@@ -507,7 +508,7 @@ def test_gpu_fast_equals_reference(fa2):
     if fa2 is None:
         assert paths["win"] == {("torch", "fa2=None")}, paths
     elif importlib.util.find_spec("flash_attn") is not None:
-        assert paths["win"] == paths["cmp"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
+        assert paths["win"] == paths["cmp"] == paths["sel"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
 
 
 @pytest.mark.gpu

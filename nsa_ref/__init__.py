@@ -29,3 +29,4 @@ __all__ = [
     "win_attention",
 ]
 from nsa_ref.decode_batched import NSAKVCache, decode_step_batched  # noqa: E402  batched decode (Documentation/Architecture/Decode.md)
+from nsa_ref.decode_fast import CapturedDecodeStep, decode_step_fast  # noqa: E402  fast decode step, CUDA-graph capturable (Decode.md)

@@ -192,6 +192,22 @@ def test_contract_refusal_falls_back_and_is_memoised(monkeypatch):
     assert paths["cmp"] == paths["sel"] == {("fa2", "strict-emulated flash_attn_with_kvcache")}, paths
 
 
+def test_resolve_kvcache():
+    """Which kernel a step would use: fa2=None and torch's built-in FA-2 (no kvcache entry) give
+    none, with the reason telemetry records; a callable is used as given; on a machine without
+    CUDA "auto" finds no provider."""
+    from nsa_ref.decode_fast import resolve_kvcache
+    from nsa_ref.fa2 import get_provider
+
+    assert resolve_kvcache(None) == (None, "fa2=None")
+    assert resolve_kvcache(get_provider("torch")) == (None, "provider torch has no kvcache entry")
+    kernel, why = resolve_kvcache(emulated_kvcache)
+    assert kernel.fn is emulated_kvcache and not kernel.cuda_only and why == ""
+    assert resolve_kvcache(EMULATED) == (EMULATED, "")
+    if not torch.cuda.is_available():
+        assert resolve_kvcache("auto")[0] is None
+
+
 def test_verdict_of_a_legal_call_is_empty():
     cache = NSAKVCache.allocate(2, 512, 2, 64, PAPER, dtype=torch.bfloat16)
     from nsa_ref.decode_kvcache_calls import win_call

@@ -170,18 +170,48 @@ def varlen_ok(c: CallFacts) -> bool:
     return _head_dims_ok(c, spec) and _common_ok(c)
 
 
-_COMMON = ("FA2-RANK", "FA2-DEVICE", "FA2-ARCH", "FA2-DTYPE", "FA2-DTYPE-MATCH", "FA2-INDEX-DTYPE",
-           "FA2-SOFTMAX-SCALE", "FA2-ARG-UNSUPPORTED", "FA2-INDEX-CONTIGUOUS", "FA2-INDEX-SHAPE",
-           "FA2-LAST-DIM-STRIDE", "FA2-HEAD-DIM-MAX", "FA2-HEAD-DIM-MULTIPLE", "FA2-HEAD-DIM-V", "FA2-QK-SHAPE",
-           "FA2-KV-SHAPE", "FA2-HEADS-KV-ZERO", "FA2-HEADS-DIVISIBLE", "FA2-BATCH-EMPTY", "FA2-PAGED-BLOCK-SIZE",
-           "FA2-ALIBI", "FA2-GRID-LIMIT", "FA2-WINDOW-RIGHT-CLAMPED", "FA2-WINDOW-LEFT-ONLY")
+def dense_ok(c: CallFacts) -> bool:
+    if not c.rank_ok:
+        return False
+    spec = c.spec
+    q, k, v = c.q, c.k, c.v
+    qd = q.dtype
+    # FA2-DTYPE, FA2-DTYPE-MATCH
+    if qd not in _HALF_TYPES or k.dtype != qd or v.dtype != qd:
+        return False
+    # FA2-DROPOUT-RANGE, FA2-RETURN-SOFTMAX, FA2-SOFTCAP-DROPOUT
+    p = c.dropout_p
+    if not 0.0 <= p < 1.0 or (c.return_softmax and p <= 0.0 and not spec.masks_return_softmax) or (
+            c.softcap > 0.0 and p > 0.0):
+        return False
+    # FA2-LAST-DIM-STRIDE
+    if not spec.fixes_last_dim_stride and (q.stride()[-1] != 1 or k.stride()[-1] != 1 or v.stride()[-1] != 1):
+        return False
+    # FA2-QK-SHAPE, FA2-KV-SHAPE, FA2-BATCH-EMPTY, FA2-DENSE-EMPTY-Q/K (b == 0 goes the long way:
+    # torch >= 2.10 accepts it), FA2-PACKED-SHAPE
+    ks, vs = c.ks, c.vs
+    if ks[-1] != c.d or ks[0] != c.b or (ks != vs and ks[:-1] != vs[:-1]) or c.b <= 0 or c.sq == 0 or c.sk == 0:
+        return False
+    if c.packed is not None and c.pack_n != _PACK_N[c.packed]:
+        return False
+    return _head_dims_ok(c, spec) and _common_ok(c)
+
+
+_COMMON = ("FA2-RANK", "FA2-DEVICE", "FA2-ARCH", "FA2-DTYPE", "FA2-DTYPE-MATCH", "FA2-SOFTMAX-SCALE",
+           "FA2-ARG-UNSUPPORTED", "FA2-LAST-DIM-STRIDE", "FA2-HEAD-DIM-MAX", "FA2-HEAD-DIM-MULTIPLE",
+           "FA2-HEAD-DIM-V", "FA2-QK-SHAPE", "FA2-KV-SHAPE", "FA2-HEADS-KV-ZERO", "FA2-HEADS-DIVISIBLE",
+           "FA2-BATCH-EMPTY", "FA2-ALIBI", "FA2-GRID-LIMIT", "FA2-WINDOW-RIGHT-CLAMPED", "FA2-WINDOW-LEFT-ONLY")
+_INDEX = ("FA2-INDEX-DTYPE", "FA2-INDEX-CONTIGUOUS", "FA2-INDEX-SHAPE", "FA2-PAGED-BLOCK-SIZE")
 
 # kind -> (fused test, the forward meta rules it decides).
 FAST = {
-    "kvcache": (kvcache_ok, frozenset(_COMMON + (
+    "dense": (dense_ok, frozenset(_COMMON + (
+        "FA2-DROPOUT-RANGE", "FA2-RETURN-SOFTMAX", "FA2-SOFTCAP-DROPOUT", "FA2-PACKED-SHAPE", "FA2-DENSE-EMPTY-Q",
+        "FA2-DENSE-EMPTY-K"))),
+    "kvcache": (kvcache_ok, frozenset(_COMMON + _INDEX + (
         "FA2-NUM-SPLITS", "FA2-PAGED-COMBINATION", "FA2-KVCACHE-APPEND", "FA2-ROTARY-NEW-KV", "FA2-ROTARY-DIM",
         "FA2-ROTARY-TABLE"))),
-    "varlen": (varlen_ok, frozenset(_COMMON + (
+    "varlen": (varlen_ok, frozenset(_COMMON + _INDEX + (
         "FA2-DROPOUT-RANGE", "FA2-RETURN-SOFTMAX", "FA2-SOFTCAP-DROPOUT", "FA2-PACKED-SHAPE",
         "FA2-VARLEN-GQA-DECODE", "FA2-CAUSAL-DROPPED", "FA2-VARLEN-EMPTY-Q"))),
 }

@@ -49,6 +49,42 @@ def _check(c) -> bool:
     return ok
 
 
+def test_each_fused_test_lists_only_rules_of_its_kind():
+    for kind, (_, covers) in FAST.items():
+        pre, post, *_ = checks._PLANS[kind]
+        assert covers <= {rid for rid, _ in pre + post}, sorted(covers - {rid for rid, _ in pre + post})
+
+
+def _random_dense(rng: random.Random) -> dict:
+    b, sq, sk = rng.choice([0, 1, 2]), rng.choice([0, 1, 5, 16]), rng.choice([0, 1, 4, 16])
+    hq, hk, d = rng.choice([4, 6, 8]), rng.choice([1, 2, 3, 0]), rng.choice([32, 59, 64, 264])
+    dt = rng.choice([F16, F16, BF16, F32])
+    a = {"q": torch.empty(b, sq, hq, d, dtype=dt), "k": torch.empty(rng.choice([b, b, b + 1]), sk, hk, d, dtype=dt),
+         "v": torch.empty(b, sk, rng.choice([hk, hk, hk + 1]), rng.choice([d, d, d, 16]),
+                          dtype=rng.choice([dt, dt, dt, F32]))}
+    if rng.random() < 0.1:
+        a["q"] = torch.empty(b, sq, d, hq, dtype=dt).transpose(-1, -2)
+    a["causal"] = rng.random() < 0.5
+    if rng.random() < 0.4:
+        a["window_size"] = (rng.choice([-1, 0, 3, 20]), rng.choice([-1, 0, 3, 20]))
+    if rng.random() < 0.3:
+        a["dropout_p"] = rng.choice([0.0, 0.1, 1.0, -0.1])
+    if rng.random() < 0.2:
+        a["softcap"] = 30.0
+    if rng.random() < 0.1:
+        a["return_softmax"] = True
+    if rng.random() < 0.2:
+        a["softmax_scale"] = rng.choice([0.1, 0.0, float("inf")])
+    if rng.random() < 0.1:
+        a["alibi_slopes"] = torch.empty(rng.choice([hq, hq + 1]), dtype=rng.choice([F32, F16]))
+    if rng.random() < 0.2:
+        a["caps"] = rng.choice(["sm75", "sm80", "sm86", "sm100"])
+    if rng.random() < 0.3:
+        a["provider"] = rng.choice(["torch", "torch==2.9", "flash_attn==2.5.9", "flash_attn==2.8.3"])
+    a["backward"] = False
+    return a
+
+
 def _cases():
     out = [case for cases in BREAKING.values() for case in cases] + VALID
     return [pytest.param(case, provider, id=f"{provider}: {case.label}")
@@ -66,10 +102,11 @@ def test_fused_test_agrees_with_the_rules_on_testkit_inputs(case, provider):
 def test_fused_test_takes_the_common_valid_calls():
     taken = [case.label for case in VALID if _facts(case).kind in FAST and FAST[_facts(case).kind][0](_facts(case))]
     assert {"valid: varlen", "valid: kvcache append", "valid: kvcache rotary append",
-            "valid: varlen qkvpacked"} <= set(taken), taken
+            "valid: varlen qkvpacked", "valid: dense GQA", "valid: qkvpacked"} <= set(taken), taken
 
 
-@pytest.mark.parametrize("test", ["test_flash_attn_kvcache", "test_flash_attn_varlen_output",
+@pytest.mark.parametrize("test", ["test_flash_attn_kvcache", "test_flash_attn_varlen_output", "test_flash_attn_output",
+                                  "test_flash_attn_qkvpacked", "test_flash_attn_causal",
                                   "test_flash_attn_varlen_causal", "test_flash_attn_varlen_qkvpacked"])
 def test_fused_test_agrees_on_fa2_grids(test):
     spec = spec_for("flash_attn==2.8.3")
@@ -180,7 +217,8 @@ def _random_varlen(rng: random.Random) -> dict:
     return a
 
 
-@pytest.mark.parametrize("kind, make", [("kvcache", _random_kvcache), ("varlen", _random_varlen)])
+@pytest.mark.parametrize("kind, make", [("kvcache", _random_kvcache), ("varlen", _random_varlen),
+                                        ("dense", _random_dense)])
 def test_fused_test_agrees_on_random_calls(kind, make):
     rng = random.Random(f"fast-{kind}")
     taken = rejected = 0

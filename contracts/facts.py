@@ -95,12 +95,12 @@ def _will_record(q, k, v) -> bool:
 
 def _common(c: CallFacts, kind, q, k, v, causal, window_size, softmax_scale, caps, provider, strict) -> None:
     c.kind = kind
-    c.spec = _SPECS.get(provider) if provider.__class__ is str else None
-    if c.spec is None:
-        c.spec = spec_for(provider)
+    spec = _SPECS.get(provider) if provider.__class__ is str else None
+    c.spec = spec_for(provider) if spec is None else spec
     if caps is not None or (isinstance(q, Tensor) and q.is_cuda):
         c.caps = resolve_caps(caps, q)
-    c.strict = strict
+    if strict:
+        c.strict = True
     c.q, c.k, c.v = q, k, v
     if causal:
         c.causal = True
@@ -128,15 +128,12 @@ def _unpack(shape, at: int):
 def _dense_shapes(c: CallFacts, q, k, v, packed) -> None:
     """Shapes of a dense call; ``packed``: None, "qkv" (q is qkv) or "kv" (k is kv)."""
     if packed is None:
-        c.rank_ok = (
-            isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
-        )
+        if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
+            qs, ks, vs = q.shape, k.shape, v.shape  # read once; the length is the rank
+            c.rank_ok = len(qs) == 4 and len(ks) == 4 and len(vs) == 4
         if not c.rank_ok:
             return
-        c.qs = qs = q.shape
-        c.ks = ks = k.shape
-        c.vs = vs = v.shape
+        c.qs, c.ks, c.vs = qs, ks, vs
     elif packed == "qkv":
         c.rank_ok = isinstance(q, Tensor) and q.dim() == 5
         if not c.rank_ok:
@@ -223,15 +220,12 @@ def varlen_facts(
     c.b = cu_seqlens_q.numel() - 1 if isinstance(cu_seqlens_q, Tensor) else None
     if packed is None:
         kv_rank = 4 if paged else 3
-        c.rank_ok = (
-            isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-            and q.dim() == 3 and k.dim() == kv_rank and v.dim() == kv_rank
-        )
+        if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
+            qs, ks, vs = q.shape, k.shape, v.shape  # read once; the length is the rank
+            c.rank_ok = len(qs) == 3 and len(ks) == kv_rank and len(vs) == kv_rank
         if not c.rank_ok:
             return c
-        c.qs = qs = q.shape
-        c.ks = ks = k.shape
-        c.vs = vs = v.shape
+        c.qs, c.ks, c.vs = qs, ks, vs
     elif packed == "qkv":
         c.rank_ok = isinstance(q, Tensor) and q.dim() == 4
         if not c.rank_ok:
@@ -285,17 +279,20 @@ def kvcache_facts(
         c.given = given
     c.softcap = softcap
     c.num_splits = num_splits or 0
-    c.paged = block_table is not None
-    c.rank_ok = (
-        isinstance(q, Tensor) and isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)
-        and q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4
-        and (k is None or (isinstance(k, Tensor) and k.dim() == 4))
-        and (v is None or (isinstance(v, Tensor) and v.dim() == 4))
-    )
+    if block_table is not None:
+        c.paged = True
+    # Each shape is read once (a torch.Size per read); its length is the rank.
+    if isinstance(q, Tensor) and isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor):
+        qs, ks, vs = q.shape, k_cache.shape, v_cache.shape
+        kns = k.shape if isinstance(k, Tensor) else None
+        vns = v.shape if isinstance(v, Tensor) else None
+        c.rank_ok = (
+            len(qs) == 4 and len(ks) == 4 and len(vs) == 4
+            and (k is None or (kns is not None and len(kns) == 4))
+            and (v is None or (vns is not None and len(vns) == 4))
+        )
     if c.rank_ok:
-        c.qs = qs = q.shape
-        c.ks = ks = k_cache.shape
-        c.vs = vs = v_cache.shape
+        c.qs, c.ks, c.vs = qs, ks, vs
         c.b, c.sq, c.hq, c.d = qs
         c.hk = ks[2]
         c.dv = vs[3]
@@ -307,11 +304,11 @@ def kvcache_facts(
                 c.sk = c.pages_per_seq * c.page_size
         else:
             c.sk = ks[1]
-        if k is not None:
-            c.kns = kns = k.shape
+        if kns is not None:
+            c.kns = kns
             c.s_new = kns[1]
-        if v is not None:
-            c.vns = v.shape
+        if vns is not None:
+            c.vns = vns
     return c
 
 

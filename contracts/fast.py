@@ -98,7 +98,8 @@ def kvcache_ok(c: CallFacts) -> bool:
             return False
     elif not _index_ok(lengths, b):
         return False
-    if not (_index_ok(c.cache_batch_idx, b) and _index_ok(c.cache_leftpad, b)):
+    batch_idx, leftpad = c.cache_batch_idx, c.cache_leftpad
+    if (batch_idx is not None and not _index_ok(batch_idx, b)) or (leftpad is not None and not _index_ok(leftpad, b)):
         return False
     # FA2-NUM-SPLITS, FA2-GRID-LIMIT with split-KV
     splits = c.num_splits
@@ -114,7 +115,7 @@ def kvcache_ok(c: CallFacts) -> bool:
     vs = c.vs
     if ks[3] != d or ks[0] != vs[0] or ks[1] != vs[1] or ks[2] != vs[2] or b <= 0:
         return False
-    if c.cache_batch_idx is None and ks[0] < b:
+    if batch_idx is None and ks[0] < b:
         return False
     # FA2-ROTARY-NEW-KV, FA2-ROTARY-DIM, FA2-ROTARY-TABLE
     cos, sin = c.rotary_cos, c.rotary_sin
@@ -145,7 +146,7 @@ def varlen_ok(c: CallFacts) -> bool:
     cu_q, cu_k, b = c.cu_q, c.cu_k, c.b
     if not (isinstance(cu_q, Tensor) and isinstance(cu_k, Tensor) and cu_q.dtype is _I32 and cu_k.dtype is _I32
             and cu_q.is_contiguous() and cu_k.is_contiguous() and cu_q.dim() == 1 and cu_k.dim() == 1
-            and cu_k.shape[0] == cu_q.shape[0] and _index_ok(c.seqused_k, b)):
+            and cu_k.shape[0] == cu_q.shape[0] and (c.seqused_k is None or _index_ok(c.seqused_k, b))):
         return False
     # FA2-DROPOUT-RANGE, FA2-RETURN-SOFTMAX, FA2-SOFTCAP-DROPOUT
     p = c.dropout_p

@@ -485,8 +485,10 @@ class CapturedDecodeStep:
 
     def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         for name, x, buf in (("q", q, self.q), ("k_new", k_new, self.k), ("v_new", v_new, self.v), ("gates", gates, self.g)):
-            if tuple(x.shape) != tuple(buf.shape):
-                raise ValueError(f"CapturedDecodeStep: {name} must be {tuple(buf.shape)} as captured, got {tuple(x.shape)}")
+            if not isinstance(x, torch.Tensor) or (tuple(x.shape), x.dtype, x.device) != (tuple(buf.shape), buf.dtype, buf.device):
+                got = (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"CapturedDecodeStep: {name} must be {tuple(buf.shape)} {buf.dtype} on {buf.device} "
+                                 f"as captured, got {got}")
         check_static_append(self.cache)
         for x, buf in ((q, self.q), (k_new, self.k), (v_new, self.v), (gates, self.g)):
             buf.copy_(x)

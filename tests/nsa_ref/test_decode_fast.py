@@ -355,8 +355,10 @@ def test_captured_step_refusals():
     before = _bytes(cache)
     with pytest.raises(CacheCapacityError, match="sequence 1 holds 10 of 10"):
         step(*args)
-    with pytest.raises(ValueError, match=r"q must be \(2, 4, 5\) as captured"):
+    with pytest.raises(ValueError, match=r"q must be \(2, 4, 5\) torch.float64 on cpu as captured"):
         step(args[0][:1], *args[1:])
+    with pytest.raises(ValueError, match=r"gates must be .* as captured, got .*torch.float32"):
+        step(*args[:3], args[3].float())
     assert _same(before, _bytes(cache))
     with pytest.raises(ValueError, match="one token per sequence"):
         CapturedDecodeStep(cache, SMALL, *[x[:, None].expand(2, 2, *x.shape[1:]) for x in args], graph=False)

@@ -36,10 +36,11 @@ from .rules import (
 _I32 = torch.int32
 
 
-def _common_ok(c: CallFacts) -> bool:
-    """FA2-DEVICE, FA2-ARCH, FA2-SOFTMAX-SCALE, FA2-ARG-UNSUPPORTED, FA2-ALIBI, FA2-WINDOW-RIGHT-CLAMPED,
-    FA2-WINDOW-LEFT-ONLY: each predicate runs only when its argument is given."""
-    if fa2_device(c) is not None:
+def _common_ok(c: CallFacts, on_cpu: bool) -> bool:
+    """FA2-DEVICE (unless ``on_cpu``: the caller saw every tensor argument on the CPU), FA2-ARCH,
+    FA2-SOFTMAX-SCALE, FA2-ARG-UNSUPPORTED, FA2-ALIBI, FA2-WINDOW-RIGHT-CLAMPED, FA2-WINDOW-LEFT-ONLY:
+    each predicate runs only when its argument is given."""
+    if not on_cpu and fa2_device(c) is not None:
         return False
     if c.caps is not None and fa2_arch(c) is not None:
         return False
@@ -130,7 +131,13 @@ def kvcache_ok(c: CallFacts) -> bool:
             return False
         if cos.dtype != qd or sin.dtype != qd or not cos.is_contiguous() or not sin.is_contiguous():
             return False
-    return _head_dims_ok(c, spec) and _common_ok(c)
+    # FA2-DEVICE on the CPU: the tensor arguments are known by now (block_table is None, cos/sin are
+    # tensors or None, the index arguments tensors, ints or None); ALiBi goes through the predicate.
+    on_cpu = (q.is_cpu and k.is_cpu and v.is_cpu and (kn is None or kn.is_cpu) and (vn is None or vn.is_cpu)
+              and (cos is None or cos.is_cpu) and (sin is None or sin.is_cpu)
+              and (not isinstance(lengths, Tensor) or lengths.is_cpu) and (batch_idx is None or batch_idx.is_cpu)
+              and (leftpad is None or leftpad.is_cpu) and c.alibi is None)
+    return _head_dims_ok(c, spec) and _common_ok(c, on_cpu)
 
 
 def varlen_ok(c: CallFacts) -> bool:
@@ -168,7 +175,10 @@ def varlen_ok(c: CallFacts) -> bool:
     # FA2-VARLEN-GQA-DECODE, FA2-CAUSAL-DROPPED: only max_seqlen_q == 1 can fail them.
     if max_q == 1 and (fa2_varlen_gqa_decode(c) is not None or fa2_causal_dropped(c) is not None):
         return False
-    return _head_dims_ok(c, spec) and _common_ok(c)
+    used = c.seqused_k
+    on_cpu = (q.is_cpu and k.is_cpu and v.is_cpu and cu_q.is_cpu and cu_k.is_cpu and (used is None or used.is_cpu)
+              and c.alibi is None)
+    return _head_dims_ok(c, spec) and _common_ok(c, on_cpu)
 
 
 def dense_ok(c: CallFacts) -> bool:
@@ -195,7 +205,8 @@ def dense_ok(c: CallFacts) -> bool:
         return False
     if c.packed is not None and c.pack_n != _PACK_N[c.packed]:
         return False
-    return _head_dims_ok(c, spec) and _common_ok(c)
+    on_cpu = q.is_cpu and k.is_cpu and v.is_cpu and c.alibi is None
+    return _head_dims_ok(c, spec) and _common_ok(c, on_cpu)
 
 
 _COMMON = ("FA2-RANK", "FA2-DEVICE", "FA2-ARCH", "FA2-DTYPE", "FA2-DTYPE-MATCH", "FA2-SOFTMAX-SCALE",

@@ -105,6 +105,26 @@ def test_fused_test_takes_the_common_valid_calls():
             "valid: varlen qkvpacked", "valid: dense GQA", "valid: qkvpacked"} <= set(taken), taken
 
 
+def test_fused_test_sees_each_tensor_argument_on_another_device():
+    """Every valid testkit call the fused test takes, with one tensor argument at a time on meta."""
+    moved = 0
+    for case in VALID:
+        c = _facts(case)
+        if c.kind not in FAST or not FAST[c.kind][0](c):
+            continue
+        args = {**case.args, "cache_leftpad": torch.zeros(c.b, dtype=I32)} if c.kind == "kvcache" \
+            and "block_table" not in case.args and "cache_leftpad" not in case.args else case.args
+        for name, value in args.items():
+            if not isinstance(value, torch.Tensor) or value.is_meta:
+                continue
+            meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+            moved_case = Case(case.kind, {**args, name: meta}, extra=case.extra)
+            c2 = _facts(moved_case)
+            _check(c2)  # a True with FA2-DEVICE failing would raise here
+            moved += "FA2-DEVICE" in _covered_failures(c2)
+    assert moved > 30, moved
+
+
 @pytest.mark.parametrize("test", ["test_flash_attn_kvcache", "test_flash_attn_varlen_output", "test_flash_attn_output",
                                   "test_flash_attn_qkvpacked", "test_flash_attn_causal",
                                   "test_flash_attn_varlen_causal", "test_flash_attn_varlen_qkvpacked"])
@@ -224,6 +244,10 @@ def test_fused_test_agrees_on_random_calls(kind, make):
     taken = rejected = 0
     for _ in range(4000):
         args = make(rng)
+        if rng.random() < 0.15:  # one tensor argument on another device (FA2-DEVICE)
+            name = rng.choice(sorted(n for n, t in args.items() if isinstance(t, torch.Tensor)))
+            args[name] = torch.empty_strided(args[name].shape, args[name].stride(), dtype=args[name].dtype,
+                                             device="meta")
         extra = {k: args.pop(k) for k in ("provider",) if k in args}
         case = Case(kind, args, extra=extra)
         c = _facts(case)

@@ -250,6 +250,30 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
     return row
 
 
+def profile_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype: torch.dtype, steps: int = 5) -> str:
+    """torch.profiler over ``steps`` eager ``decode_attend_fast`` calls on a cache filled to T:
+    the ops and kernels by device (or CPU) time, one table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device=device).manual_seed(B + T)
+    capacity = T + 8
+    cache = NSAKVCache.allocate(B, capacity, args.hkv, args.dim, cfg, dtype=dtype, device=device)
+    fill_cache(cache, T, gen)
+    q = torch.randn(B, args.hq, args.dim, device=device, dtype=dtype, generator=gen)
+    g = torch.rand(B, args.hq, 3, device=device, generator=gen).to(dtype)
+    fa2 = None if args.fa2 == "none" else "auto"
+    for _ in range(3):
+        decode_attend_fast(q, g, cache, cfg, fa2=fa2)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            decode_attend_fast(q, g, cache, cfg, fa2=fa2)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+
+
 COLUMNS = ["B", "context", "status", "nsa_eager_ms", "nsa_graph_ms", "nsa_graph_attend_ms", "full_eager_ms",
            "full_graph_ms", "full_over_nsa_eager", "full_over_nsa_graph", "nsa_eager_tok_s", "nsa_graph_tok_s",
            "full_eager_tok_s", "full_graph_tok_s", "nsa_bytes_per_seq", "full_bytes_per_seq", "cache_gb",
@@ -306,6 +330,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--plot", action="store_true", help="also write decode_bench.png (tokens/s vs context)")
     parser.add_argument("--tiny", action="store_true", help="small shapes and config (CPU smoke test)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (--device cpu)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: torch.profiler over eager attend steps per config, the kernels "
+                             "that take the time written to profile_B<B>_T<T>.txt")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -322,6 +349,13 @@ def main(argv=None) -> list[dict]:
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                 cfg=repr(cfg), warmup=args.warmup, iters=args.iters, argv=sys.argv[1:] if argv is None else argv)
     log(f"{meta['device']} torch {torch.__version__}; {cfg!r}; B {args.batches} x T {args.contexts}")
+    if args.profile:
+        for T in args.contexts:
+            for B in args.batches:
+                text = profile_one(B, T, args, cfg, device, dtype)
+                (out / f"profile_B{B}_T{T}.txt").write_text(text)
+                print(f"## B={B} T={T}\n{text}")
+        return []
     rows = []
     for T in args.contexts:
         for B in args.batches:

@@ -55,11 +55,26 @@ class CallFacts:
     page_size = num_blocks = pages_per_seq = s_new = None
     # Head dims as the kernel sees them (padded when the provider pads).
     d_kernel = dv_kernel = None
-    # Index arguments of the call kind, in a fixed order: varlen (cu_q, cu_k, seqused_k,
-    # block_table); kvcache (cache_seqlens, cache_batch_idx, cache_leftpad, block_table).
-    index = (None, None, None, None)
-    # Other tensor arguments, None where not given (for the device rule).
-    others = ()
+    @property
+    def index(self) -> tuple:
+        """Index arguments of the call kind, in a fixed order: varlen (cu_q, cu_k, seqused_k,
+        block_table); kvcache (cache_seqlens, cache_batch_idx, cache_leftpad, block_table).
+        Built when a rule asks (the fused tests in fast.py read the attributes)."""
+        if self.kind == "varlen":
+            return (self.cu_q, self.cu_k, self.seqused_k, self.block_table)
+        if self.kind == "kvcache":
+            return (self.cache_seqlens, self.cache_batch_idx, self.cache_leftpad, self.block_table)
+        return (None, None, None, None)
+
+    @property
+    def others(self) -> tuple:
+        """Tensor arguments besides q, k, v, None where not given (for the device rule)."""
+        if self.kind == "varlen":
+            return (self.cu_q, self.cu_k, self.seqused_k, self.block_table, self.alibi)
+        if self.kind == "kvcache":
+            return (self.k_new, self.v_new, self.cache_seqlens, self.cache_batch_idx, self.cache_leftpad,
+                    self.block_table, self.alibi, self.rotary_cos, self.rotary_sin)
+        return () if self.alibi is None else (self.alibi,)
 
     def tensors(self):
         """(name, tensor) for every tensor argument, q first."""
@@ -176,7 +191,6 @@ def dense_facts(
         _name_packed(c, packed)
     if alibi_slopes is not None:
         c.alibi = alibi_slopes
-        c.others = (alibi_slopes,)
     c.dropout_p = dropout_p
     c.softcap = softcap
     c.return_softmax = return_softmax
@@ -204,8 +218,6 @@ def varlen_facts(
     if seqused_k is not None:
         c.seqused_k = seqused_k
     c.alibi = alibi_slopes
-    c.index = (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
-    c.others = (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes)
     c.dropout_p = dropout_p
     c.softcap = softcap
     c.return_softmax = return_softmax
@@ -268,9 +280,6 @@ def kvcache_facts(
     c.cache_seqlens, c.cache_batch_idx, c.cache_leftpad = cache_seqlens, cache_batch_idx, cache_leftpad
     c.block_table = block_table
     c.alibi = alibi_slopes
-    c.index = (cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
-    c.others = (k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes,
-                rotary_cos, rotary_sin)
     if rotary_cos is not None or rotary_sin is not None:
         c.rotary_cos, c.rotary_sin = rotary_cos, rotary_sin
     if return_softmax_lse:

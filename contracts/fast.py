@@ -97,7 +97,8 @@ def kvcache_ok(c: CallFacts) -> bool:
     if lengths.__class__ is int:
         if ks[0] != b:
             return False
-    elif not _index_ok(lengths, b):
+    elif lengths is not None and not (isinstance(lengths, Tensor) and lengths.dtype is _I32
+                                      and lengths.is_contiguous() and lengths.shape == (b,)):
         return False
     batch_idx, leftpad = c.cache_batch_idx, c.cache_leftpad
     if (batch_idx is not None and not _index_ok(batch_idx, b)) or (leftpad is not None and not _index_ok(leftpad, b)):

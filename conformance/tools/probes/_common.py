@@ -188,11 +188,11 @@ def varlen_call(provider, q, k, v, cu_q, cu_k, max_q, max_k, *, causal=False, wi
 
 
 def kvcache_call(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens=None, block_table=None,
-                 causal=False, scale=None) -> Call:
+                 causal=False, scale=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=None) -> Call:
     """flash_attn_with_kvcache (flash_attn package only)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    kwargs = dict(k=k, v=v, cache_seqlens=cache_seqlens, block_table=block_table,
-                  softmax_scale=scale, causal=causal)
+    kwargs = dict(k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_seqlens=cache_seqlens,
+                  block_table=block_table, softmax_scale=scale, causal=causal, rotary_interleaved=rotary_interleaved)
     return Call("flash_attn", "kvcache", "kvcache", (q, k_cache, v_cache),
                 {n: x for n, x in kwargs.items() if x is not None})
 

@@ -25,9 +25,14 @@ Per branch (telemetry records the path, "fa2" or "torch", and the reason, once p
     cmp  FA-2 with ``cmp_call`` and ``return_softmax_lse=True``, then a scoring pass
          p = exp(scale * q.k_cmp - lse) in fp32; else the masked softmax over the compressed
          slots (which gives p directly)
-    select  overlap-weighted block scores (``block_scores_banded``: the 1,2,2,2,1 band of
-         ``masks.selection_weights`` as a gather, equal to ``selection.block_scores``), then
-         ``selection.top_blocks`` (forced initial / local blocks, ties to the lower index)
+    select  Triton (``select="auto"`` where ``triton_kernels.decode_select.refusal`` finds nothing:
+         CUDA sm80+, or the CPU interpreter in fp32/fp64): ONE launch of
+         ``decode_select`` per step, grid (B, Hkv), from cmp's lse (FA-2) or its own lse pass
+         (torch cmp path), lengths read on the device. Else torch: overlap-weighted block scores
+         (``block_scores_banded``: the 1,2,2,2,1 band of ``masks.selection_weights`` as a
+         gather, equal to ``selection.block_scores``), then ``selection.top_blocks`` (forced
+         initial / local blocks, ties to the lower index). Both give the same blocks up to
+         near-ties of the scores (fp32 summation order).
     sel  the selected blocks' n_sel * l' token slots gathered from the paged raw cache (-1 and
          s > t masked; the visible ones are a prefix), then FA-2 kvcache over them with batch =
          (sequence, KV head) and cache_seqlens = the visible count (``sel_call``); else the
@@ -317,17 +322,44 @@ def sel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Ten
                 block_table=None, softmax_scale=cfg.softmax_scale(Dk), causal=False, window_size=(-1, -1))
 
 
-# -- the step -------------------------------------------------------------------------------------
+# -- the selection path ---------------------------------------------------------------------------
+
+SELECT_MODES = ("auto", "triton", "torch")
+
+
+def select_path(select: str, q: torch.Tensor, cmp: PagedView) -> tuple[bool, str]:
+    """select: "auto" (Triton where it can run), "triton" (Triton or RuntimeError), "torch" ->
+    (run the Triton decode selection?, telemetry reason)."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"select={select!r}: one of {SELECT_MODES}")
+    if select == "torch":
+        return False, "select='torch'"
+    from nsa_ref.triton_kernels import unavailable_reason
+
+    why = unavailable_reason(q)  # before importing Triton: a CPU run without the interpreter never does
+    if why is None:
+        try:
+            from nsa_ref.triton_kernels.decode_select import refusal
+        except ImportError as e:  # pragma: no cover - depends on the install
+            why = f"Triton does not import ({e})"
+        else:
+            why = refusal(q, cmp)
+    if why is None:
+        return True, "triton decode_select"
+    if select == "triton":
+        raise RuntimeError(f"select='triton': the Triton decode selection cannot run here: {why}")
+    return False, why
+
 
 # -- the step -------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, cfg: NSAConfig, *,
-                       fa2: Any = "auto") -> torch.Tensor:
+                       fa2: Any = "auto", select: str = "auto") -> torch.Tensor:
     """q (B, Hq, Dk), gates (B, Hq, 3) -> (B, Hq, Dv): NSA for the last token of every sequence of
     ``cache`` (position cache_seqlens - 1; append first). Inputs are assumed checked
     (``decode_step_fast`` does it). Static shapes, no host read: capturable in a CUDA graph once
-    the FA-2 verdicts are memoised (run it eagerly once first)."""
+    the FA-2 verdicts are memoised (run it eagerly once first). ``select``: see ``select_path``."""
     raw, cmp = cache.views()
     B, Hq, Dk = q.shape
     Hkv = raw.k_pages.shape[2]
@@ -346,17 +378,26 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     width = cmp_width(raw, cmp, cfg)
     call = dict(cmp_call(q1, cmp, cfg), return_softmax_lse=True)
     run_cmp, cmp_reason = _usable(kernel, why, call) if width else (False, "no compressed slot")
+    triton_select, select_reason = select_path(select, q, cmp)
+    lse = None
     if run_cmp:
         out, lse = kernel.fn(**call)[:2]
         o_cmp = out[:, 0]
-        p_cmp = cmp_probs_from_lse(q, lse[..., 0], cmp, width, cfg)
+        lse = lse[..., 0]  # (B, Hq)
+        p_cmp = None if triton_select else cmp_probs_from_lse(q, lse, cmp, width, cfg)
     else:
         o_cmp, p_cmp = cmp_torch(q, cmp, width, cfg)
     telemetry.record("cmp", "fa2" if run_cmp else "torch", cmp_reason)
 
-    scores = block_scores_banded(p_cmp, Hkv, cfg.num_sel_blocks(raw.capacity), cfg)
-    block_idx = selection.top_blocks(scores, t, cfg)  # (B, Hkv, n_sel)
-    telemetry.record("select", "torch", "banded scores + top_blocks")
+    if triton_select:  # one launch; the kernel rebuilds p from lse (or its own lse pass)
+        from nsa_ref.triton_kernels.decode_select import decode_select
+
+        block_idx = decode_select(q, cmp, raw.cache_seqlens, cfg, width=width, lse=lse)
+        telemetry.record("select", "triton", select_reason)
+    else:
+        scores = block_scores_banded(p_cmp, Hkv, cfg.num_sel_blocks(raw.capacity), cfg)
+        block_idx = selection.top_blocks(scores, t, cfg)  # (B, Hkv, n_sel)
+        telemetry.record("select", "torch", f"banded scores + top_blocks ({select_reason})")
     k_sel, v_sel, valid = sel_gather(t, block_idx, raw, cfg)
     call = sel_call(q, k_sel, v_sel, valid, cfg)
     run_sel, sel_reason = _usable(kernel, why, call)
@@ -371,20 +412,20 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
 @torch.no_grad()
 def decode_step_fast(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor,
-    cache: NSAKVCache, cfg: NSAConfig, *, fa2: Any = "auto", validate: str = "values",
+    cache: NSAKVCache, cfg: NSAConfig, *, fa2: Any = "auto", validate: str = "values", select: str = "auto",
 ) -> torch.Tensor:
     """``decode_step_batched``'s step and result, fast: q (B, Hq, Dk), k_new (B, Hkv, Dk), v_new
     (B, Hkv, Dv), gates (B, Hq, 3) -> (B, Hq, Dv) (or with an n axis; n > 1 runs the reference).
 
     The same checks and errors as ``decode_step_batched`` (``check_step_inputs``), raised before
     the cache changes; then the append, then ``decode_attend_fast``. ``fa2``: see
-    ``resolve_kvcache``. ``validate="shapes"`` reads nothing from the device in the whole step
+    ``resolve_kvcache``; ``select``: see ``select_path``. ``validate="shapes"`` reads nothing from the device in the whole step
     ("values" reads the gates once)."""
     q4, k4, v4, g4, single = check_step_inputs(q, k_new, v_new, gates, cache, cfg, validate, who=WHO)
     if q4.shape[1] != 1:
         return decode_step_batched(q, k_new, v_new, gates, cache, cfg, validate="shapes")
     cache.append(k4, v4)  # the cache's own checks first; raises before writing
-    out = decode_attend_fast(q4[:, 0], g4[:, 0], cache, cfg, fa2=fa2)
+    out = decode_attend_fast(q4[:, 0], g4[:, 0], cache, cfg, fa2=fa2, select=select)
     return out if single else out[:, None]
 
 
@@ -450,19 +491,20 @@ class CapturedDecodeStep:
     (replayed on CUDA; eagerly elsewhere, the same code) and returns the static output (overwritten
     by the next call: copy it to keep it). Gates are not range-checked. Building it on CUDA runs
     one warm-up step on a side stream (memos, kernels), rolls that token back (``truncate``) and
-    captures; ``graph=False`` runs the same code eagerly (CPU, tests). ``fa2`` as in
+    captures; ``graph=False`` runs the same code eagerly (CPU, tests). ``fa2`` and ``select`` as in
     ``decode_step_fast``. Tables must not change while it is in use (``set_block_table`` copies
     in place, so a table change keeps the addresses, but the FA-2 verdict was taken for the old
     layout)."""
 
     def __init__(self, cache: NSAKVCache, cfg: NSAConfig, q: torch.Tensor, k_new: torch.Tensor,
-                 v_new: torch.Tensor, gates: torch.Tensor, *, fa2: Any = "auto", graph: bool | None = None):
+                 v_new: torch.Tensor, gates: torch.Tensor, *, fa2: Any = "auto", select: str = "auto",
+                 graph: bool | None = None):
         q4, k4, v4, g4, _ = check_step_inputs(q, k_new, v_new, gates, cache, cfg, "shapes", who="CapturedDecodeStep")
         if q4.shape[1] != 1:
             raise ValueError(f"CapturedDecodeStep: one token per sequence, got n={q4.shape[1]}")
         cache.check_append(k4, v4)
         check_static_append(cache)
-        self.cache, self.cfg, self.fa2 = cache, cfg, fa2
+        self.cache, self.cfg, self.fa2, self.select = cache, cfg, fa2, select
         self.q, self.k, self.v, self.g = (x[:, 0].clone() for x in (q4, k4, v4, g4))
         self.graph, self.out = None, None
         if q.is_cuda if graph is None else graph:
@@ -481,7 +523,7 @@ class CapturedDecodeStep:
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
         append_static(self.cache, self.k, self.v)
-        return decode_attend_fast(self.q, self.g, self.cache, self.cfg, fa2=self.fa2)
+        return decode_attend_fast(self.q, self.g, self.cache, self.cfg, fa2=self.fa2, select=self.select)
 
     def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         for name, x, buf in (("q", q, self.q), ("k_new", k_new, self.k), ("v_new", v_new, self.v), ("gates", gates, self.g)):

@@ -579,3 +579,78 @@ def test_gpu_cuda_graph_replay_equals_eager(fa2):
         want = decode_step_fast(q, k, v, g, eager, PAPER, fa2=fa2, validate="shapes")
         torch.cuda.synchronize()
         assert torch.allclose(static_out.float(), want.float(), atol=1e-2, rtol=0), f"step {step}"
+
+
+# -- GPU: the Triton decode selection (nsa_ref.triton_kernels.decode_select) ----------------------
+
+def _gpu_selection_pair(cache, q, cfg, lse):
+    """(Triton block_idx, torch block_idx) for the last token of every sequence of ``cache``."""
+    from nsa_ref.decode_fast import cmp_probs_from_lse, cmp_torch, cmp_width
+    from nsa_ref.triton_kernels.decode_select import decode_select
+
+    raw, cmp = cache.views()
+    width = cmp_width(raw, cmp, cfg)
+    got = decode_select(q, cmp, raw.cache_seqlens, cfg, width=width, lse=lse)
+    p = cmp_probs_from_lse(q, lse, cmp, width, cfg) if lse is not None else cmp_torch(q, cmp, width, cfg)[1]
+    scores = block_scores_banded(p, raw.k_pages.shape[2], cfg.num_sel_blocks(raw.capacity), cfg)
+    return got, selection.top_blocks(scores, cache.cache_seqlens.long() - 1, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lse_from", ["kernel", "torch-lse"])
+def test_gpu_triton_selection_equals_torch_selection(lse_from):
+    """bf16, Hq 64 / Hkv 4 / D 128, paper config, paged raw pages of 256, 32 sequences of 1..16K
+    tokens: decode_select's block_idx equals decode_fast's torch selection except in rows where
+    two scores tie within fp32 rounding (summation order differs; at most 1 in 100 (sequence, KV
+    head) rows may differ); every row strictly ascending, -1 padding last, min(n, c + 1) blocks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(21)
+    B, hq, hkv, d, P, cap = 32, 64, 4, 128, 256, 16384
+    lengths = [1, 31, 32, 63, 64, 1023, 1024, 1025, 4096, 16384] + [int(x) for x in torch.randint(
+        1, cap + 1, (B - 10,), generator=torch.Generator().manual_seed(3))]
+    table = torch.randperm(B * (cap // P), device="cuda", generator=g).to(torch.int32).reshape(B, cap // P)
+    cache = NSAKVCache.allocate_paged(table, B * (cap // P), P, hkv, d, PAPER, dtype=torch.bfloat16)
+    T = sum(lengths)
+    k = torch.randn(T, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    cache.prefill(k, k, torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda"))
+    q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    lse = None
+    if lse_from == "torch-lse":
+        from nsa_ref.decode_fast import cmp_keys, cmp_width, scores_fp32
+
+        raw, cmp = cache.views()
+        kk, _, emitted = cmp_keys(cmp, cmp_width(raw, cmp, PAPER))
+        s = scores_fp32(q.reshape(B, hkv, hq // hkv, d), kk.transpose(1, 2)) * PAPER.softmax_scale(d)
+        lse = torch.logsumexp(s.masked_fill(~emitted[:, None, None, :], -math.inf), -1).reshape(B, hq).float()
+    got, want = _gpu_selection_pair(cache, q, PAPER, lse)
+    differ = (got != want).any(-1)
+    assert differ.float().mean().item() <= 0.01, (differ.sum().item(), got[differ][:2].tolist(), want[differ][:2].tolist())
+    listed = got >= 0
+    assert (listed[..., :-1] | ~listed[..., 1:]).all() and (got[..., 1:] > got[..., :-1])[listed[..., 1:]].all()
+    assert (listed.sum(-1) == torch.tensor([min(PAPER.n_sel, (n - 1) // 64 + 1) for n in lengths],
+                                           device="cuda")[:, None]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_triton_selection_step_and_graph():
+    """decode_step_fast with select="triton" vs select="torch" on twin caches (6 steps, bf16
+    closeness as the other GPU tests), then CapturedDecodeStep with select="triton" (the kernel
+    inside the CUDA graph) for 20 steps against decode_step_batched; telemetry names the kernel."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    telemetry.reset()
+    (a, b), inputs = _gpu_case(seed=5)
+    for i in range(6):
+        args = inputs(i)
+        got = decode_step_fast(*args, a, PAPER, select="triton")
+        want = decode_step_fast(*args, b, PAPER, select="torch")
+        _bf16_close(got, want, f"step {i}")
+    assert ("triton", "triton decode_select") in _paths()["select"], _paths()
+    (graphed, ref), inputs = _gpu_case(seed=6)
+    step = CapturedDecodeStep(graphed, PAPER, *inputs(0), select="triton")
+    assert step.graph is not None
+    for i in range(20):
+        args = inputs(i)
+        got = step(*args).clone()
+        _bf16_close(got, decode_step_batched(*args, ref, PAPER), f"graph step {i}")

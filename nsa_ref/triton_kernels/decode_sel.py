@@ -1,0 +1,129 @@
+"""NSA decode sel attention in one Triton launch, straight from the paged raw cache: no gather.
+
+    decode_sel(q, raw, seqlens, block_idx, cfg) -> o_sel (B, Hq, Dv) in q's dtype
+
+One program per (sequence b, KV head h), grid (B, Hkv): its G query heads are the rows of one
+(G, Dk) matrix (padded to 16 rows for the dot products); for each of the n_sel entries of
+block_idx[b, h] (-1: skipped) it reads the l' tokens of that selection block through the block
+table (token s at k_pages[block_table[b, s // P], s % P, h]), masks s > t (t = seqlens[b] - 1, read on
+the device) and runs an online softmax, accumulating in fp32 (fp64 for fp64 inputs). A row with
+no visible key gives 0, as ``decode_fast.attend_fixed``. What ``decode_fast``'s sel branch computes
+(``sel_gather`` + ``attend_fixed`` or the FA-2 call over the gathered slots), to rounding.
+Capturable in a CUDA graph: the launch depends on the cache's geometry only.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_ref.triton_kernels.dtypes import dot_precision, tl_acc
+from nsa_ref.triton_kernels.layout import next_pow2
+
+if TYPE_CHECKING:
+    from nsa_ref.config import NSAConfig
+    from nsa_ref.kv_cache import PagedView
+
+MAX_HEAD_DIM = 256
+TUNING = {"num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def _decode_sel_kernel(
+    Q, KP_, VP_, BT, SEQ, IDX, OUT,
+    sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt_b, si_b, si_h, so_b, so_h,
+    G, Dk, Dv, P, scale, n_sel, SEL_BLOCK,
+    GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    t = tl.load(SEQ + b) - 1
+    g = tl.arange(0, GP)
+    row_ok = g < G
+    head = kvh * G + g
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+    q = tl.load(Q + b.to(tl.int64) * sq_b + head[:, None] * sq_h + d[None, :],
+                mask=row_ok[:, None] & (d < Dk)[None, :], other=0.0)
+    m_i = tl.full([GP], float("-inf"), ACC)
+    l_i = tl.zeros([GP], ACC)
+    acc = tl.zeros([GP, BDV], ACC)
+    u = tl.arange(0, BL)
+    idx_row = IDX + b.to(tl.int64) * si_b + kvh * si_h
+    for r in range(0, n_sel):
+        j = tl.load(idx_row + r)
+        s_tok = j * SEL_BLOCK + u
+        ok = (u < SEL_BLOCK) & (s_tok >= 0) & (s_tok <= t)  # j = -1: every s_tok < 0
+        ssafe = tl.where(ok, s_tok, 0)
+        page = tl.load(BT + b.to(tl.int64) * sbt_b + ssafe // P, mask=ok, other=0).to(tl.int64)
+        off = (ssafe % P).to(tl.int64)
+        k = tl.load(KP_ + (page * sk_p + off * sk_s + kvh * sk_h)[:, None] + d[None, :],
+                    mask=ok[:, None] & (d < Dk)[None, :], other=0.0)
+        v = tl.load(VP_ + (page * sv_p + off * sv_s + kvh * sv_h)[:, None] + dv[None, :],
+                    mask=ok[:, None] & (dv < Dv)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < Dv)[None, :])
+
+
+def refusal(q: torch.Tensor, raw: "PagedView") -> str | None:
+    """Why ``decode_sel`` cannot take these inputs (None: it can)."""
+    from nsa_ref.triton_kernels import unavailable_reason
+
+    why = unavailable_reason(q)
+    if why is not None:
+        return why
+    if q.dim() != 3:
+        return f"q must be (B, Hq, Dk), got {tuple(q.shape)}"
+    if max(q.shape[-1], raw.v_pages.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims {q.shape[-1]} / {raw.v_pages.shape[-1]}: wider than {MAX_HEAD_DIM}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {q.dtype}"
+    if raw.k_pages.dtype != q.dtype or raw.k_pages.device != q.device:
+        return f"raw pages {raw.k_pages.dtype} on {raw.k_pages.device}, q {q.dtype} on {q.device}"
+    return None
+
+
+@torch.no_grad()
+def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_idx: torch.Tensor,
+               cfg: "NSAConfig") -> torch.Tensor:
+    """q (B, Hq, Dk), raw: the raw store (``NSAKVCache.views()[0]``), seqlens (B,) int32 (the query
+    sits at seqlens - 1), block_idx (B, Hkv, n_sel) int32 (``selection.top_blocks``'s layout)
+    -> o_sel (B, Hq, Dv) in q's dtype. One launch, grid (B, Hkv), no host read."""
+    B, Hq, Dk = q.shape
+    Hkv, Dv = raw.k_pages.shape[2], raw.v_pages.shape[3]
+    out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
+    if B == 0 or Hkv == 0:
+        return out
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kp = raw.k_pages if raw.k_pages.stride(-1) == 1 else raw.k_pages.contiguous()
+    vp = raw.v_pages if raw.v_pages.stride(-1) == 1 else raw.v_pages.contiguous()
+    table = raw.block_table
+    if table.shape[1] == 0:  # zero capacity: nothing visible (every block index -1)
+        table = torch.zeros(B, 1, dtype=torch.int32, device=q.device)
+    idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
+    _decode_sel_kernel[(B, Hkv)](
+        q, kp, vp, table, seqlens, idx, out,
+        q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2),
+        table.stride(0), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1),
+        Hq // Hkv, Dk, Dv, kp.shape[1], cfg.softmax_scale(Dk), idx.shape[-1], cfg.sel_block,
+        GP=next_pow2(Hq // Hkv, 16), BD=next_pow2(Dk, 16), BDV=next_pow2(Dv, 16), BL=next_pow2(cfg.sel_block, 16),
+        PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
+        num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
+    )
+    return out
+
+
+__all__ = ["decode_sel", "refusal"]

@@ -18,7 +18,7 @@ decoding) goes to that reference. What makes it capturable in a CUDA graph at fi
   makes those raise during the step).
 - The addresses are fixed: the pools are written in place by the append.
 
-Per branch (telemetry records the path, "fa2" or "torch", and the reason, once per step):
+Per branch (telemetry records the path, "fa2", "triton" or "torch", and the reason, once per step):
 
     win  FA-2 ``flash_attn_with_kvcache`` with ``decode_kvcache_calls.win_call`` (causal, window
          (w - 1, 0)); else w gathered slots and a masked softmax (fp32 for 16-bit inputs)
@@ -33,7 +33,9 @@ Per branch (telemetry records the path, "fa2" or "torch", and the reason, once p
          gather, equal to ``selection.block_scores``), then ``selection.top_blocks`` (forced
          initial / local blocks, ties to the lower index). Both give the same blocks up to
          near-ties of the scores (fp32 summation order).
-    sel  the selected blocks' n_sel * l' token slots gathered from the paged raw cache (-1 and
+    sel  Triton (the same ``select`` choice, ``triton_kernels.decode_sel``): one launch, grid
+         (B, Hkv), the selected blocks read straight from the paged raw cache (no gather). Else:
+         the selected blocks' n_sel * l' token slots gathered from the paged raw cache (-1 and
          s > t masked; the visible ones are a prefix), then FA-2 kvcache over them with batch =
          (sequence, KV head) and cache_seqlens = the visible count (``sel_call``); else the
          masked softmax (fp32 for 16-bit inputs)
@@ -327,9 +329,14 @@ def sel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Ten
 SELECT_MODES = ("auto", "triton", "torch")
 
 
-def select_path(select: str, q: torch.Tensor, cmp: PagedView) -> tuple[bool, str]:
+_TRITON_DECODE = {"select": "decode_select", "sel": "decode_sel"}
+
+
+def select_path(select: str, q: torch.Tensor, store: PagedView, branch: str = "select") -> tuple[bool, str]:
     """select: "auto" (Triton where it can run), "triton" (Triton or RuntimeError), "torch" ->
-    (run the Triton decode selection?, telemetry reason)."""
+    (run the Triton decode kernel of ``branch``?, telemetry reason). branch "select": the block
+    selection (``triton_kernels.decode_select``, store = the compressed view); "sel": sel attention
+    over the paged raw cache (``triton_kernels.decode_sel``, store = the raw view)."""
     if select not in SELECT_MODES:
         raise ValueError(f"select={select!r}: one of {SELECT_MODES}")
     if select == "torch":
@@ -339,15 +346,17 @@ def select_path(select: str, q: torch.Tensor, cmp: PagedView) -> tuple[bool, str
     why = unavailable_reason(q)  # before importing Triton: a CPU run without the interpreter never does
     if why is None:
         try:
-            from nsa_ref.triton_kernels.decode_select import refusal
+            import importlib
+
+            module = importlib.import_module(f"nsa_ref.triton_kernels.{_TRITON_DECODE[branch]}")
         except ImportError as e:  # pragma: no cover - depends on the install
             why = f"Triton does not import ({e})"
         else:
-            why = refusal(q, cmp)
+            why = module.refusal(q, store)
     if why is None:
-        return True, "triton decode_select"
+        return True, f"triton {_TRITON_DECODE[branch]}"
     if select == "triton":
-        raise RuntimeError(f"select='triton': the Triton decode selection cannot run here: {why}")
+        raise RuntimeError(f"select='triton': the Triton decode kernel {_TRITON_DECODE[branch]} cannot run here: {why}")
     return False, why
 
 
@@ -392,12 +401,20 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     if triton_select:  # one launch; the kernel rebuilds p from lse (or its own lse pass)
         from nsa_ref.triton_kernels.decode_select import decode_select
 
-        block_idx = decode_select(q, cmp, raw.cache_seqlens, cfg, width=width, lse=lse)
+        block_idx = decode_select(q, cmp, raw.cache_seqlens, cfg, width=width, lse=lse,
+                                  num_sel=cfg.num_sel_blocks(raw.capacity))
         telemetry.record("select", "triton", select_reason)
     else:
         scores = block_scores_banded(p_cmp, Hkv, cfg.num_sel_blocks(raw.capacity), cfg)
         block_idx = selection.top_blocks(scores, t, cfg)  # (B, Hkv, n_sel)
         telemetry.record("select", "torch", f"banded scores + top_blocks ({select_reason})")
+    triton_sel, triton_sel_reason = select_path(select, q, raw, "sel")
+    if triton_sel:  # straight from the paged raw cache: no gather
+        from nsa_ref.triton_kernels.decode_sel import decode_sel
+
+        o_sel = decode_sel(q, raw, raw.cache_seqlens, block_idx, cfg)
+        telemetry.record("sel", "triton", triton_sel_reason)
+        return combine_branches(gates, o_cmp.to(q.dtype), o_sel, o_win.to(q.dtype))
     k_sel, v_sel, valid = sel_gather(t, block_idx, raw, cfg)
     call = sel_call(q, k_sel, v_sel, valid, cfg)
     run_sel, sel_reason = _usable(kernel, why, call)

@@ -4,7 +4,8 @@ table; the preallocated layout is one page per sequence), with every length read
 
     decode_select(q, cmp, seqlens, cfg, width=, num_sel=, lse=None) -> block_idx (B, Hkv, n_sel) int32
 
-One program per (sequence b, KV head h), grid (B, Hkv). It reads
+One program per (sequence b, KV head h), grid (B, Hkv) (or (B, Hkv, splits) and a merge launch
+when B * Hkv leaves SMs idle: ``split_count``). It reads
 
     q        (B, Hq, Dk)          the step's queries (last dim contiguous)
     cmp      PagedView            k_pages (pages, Pc, Hkv, Dk), block_table (B, max_pages) int32,
@@ -55,7 +56,9 @@ if TYPE_CHECKING:
 CMP_TILE = 64
 #: Widest head dim the kernel takes (``nsa_ref.backends.triton``'s limit).
 MAX_HEAD_DIM = 256
-TUNING = {"num_warps": 4, "num_stages": 2}
+#: split_programs: None = two programs per SM on a GPU, one program per (b, h) elsewhere; an int
+#: forces that target (tests run the split path on the interpreter with it).
+TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None}
 
 
 @triton.jit
@@ -76,14 +79,15 @@ def _cmp_scores(q, KC, CT, b, kvh, i0, n_c, Pc, sk_p, sk_s, sk_h, sct_b, Dk, sca
 
 @triton.jit
 def _decode_select_kernel(
-    Q, KC, CT, NC, SEQ, LSE, IDX,
+    Q, KC, CT, NC, SEQ, LSE, IDX, PART,
     sq_b, sq_h, sk_p, sk_s, sk_h, sct_b, slse_b, slse_h, si_b, si_h,
-    G, Dk, width, Pc, scale, n_sel, n_init, n_local, SEL_BLOCK, R, RW, BJ,
+    G, Dk, width, Pc, scale, n_sel, n_init, n_local, SEL_BLOCK, R, RW, BJ, split_blocks,
     GP: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
-    HAS_LSE: tl.constexpr, KEY32: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    HAS_LSE: tl.constexpr, KEY32: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     big = 2147483647
     seqlen = tl.load(SEQ + b)
     t = seqlen - 1
@@ -117,7 +121,13 @@ def _decode_select_kernel(
         run_s = tl.full([NP], float("-inf"), ACC)
         run_j = tl.full([NP], big, tl.int32)
     halo = RW - 1
-    for j0 in range(0, c + 1, BJ):
+    # SPLITS > 1: this program ranks selection blocks [split * split_blocks, (split + 1) * split_blocks)
+    # (split_blocks a multiple of BJ) and leaves its top NP keys in PART for _merge_splits_kernel.
+    j_lo = split * split_blocks
+    j_hi = c + 1
+    if SPLITS > 1:  # the last split runs to c, whatever the capacity estimate was
+        j_hi = tl.where(split < SPLITS - 1, tl.minimum(c + 1, j_lo + split_blocks), c + 1)
+    for j0 in range(j_lo, j_hi, BJ):
         i, ok, s = _cmp_scores(q, KC, CT, b, kvh, j0 * R - halo, n_c, Pc, sk_p, sk_s, sk_h, sct_b, Dk, scale,
                                BC, BD, PREC, ACC)
         p = tl.where(row_ok[:, None] & ok[None, :], tl.exp(s - lse[:, None]), 0.0)
@@ -127,7 +137,7 @@ def _decode_select_kernel(
         hi = tl.minimum(i[None, :] + RW, (jj * R + R)[:, None])
         w = tl.maximum(hi - lo, 0).to(ACC)  # (KP, BC) overlap in cells of d tokens
         sc = tl.sum(w * ps[None, :], 1)  # (KP,) p_slc of selection blocks j0..j0+KP-1
-        cand = (jt < BJ) & (jj <= c)
+        cand = (jt < BJ) & (jj < j_hi)
         forced = (jj < n_init) | (jj > c - n_local)
         if KEY32:
             bits = (sc.to(tl.float32) + 0.0).to(tl.int32, bitcast=True).to(tl.int64)  # + 0.0: -0.0 -> +0.0
@@ -149,15 +159,49 @@ def _decode_select_kernel(
                 run_s = tl.where(run_j == jm, float("-inf"), run_s)
                 ts = tl.where(tj == jm, float("-inf"), ts)
             run_s, run_j = new_s, new_j
-    if KEY32:
-        keep = (run >= 0) & (slot < n_sel)
-        jsel = (big - (run & 0xFFFFFFFF)).to(tl.int32)
+    if SPLITS > 1:
+        tl.store(PART + ((b.to(tl.int64) * tl.num_programs(1) + kvh) * SPLITS + split) * NP + slot, run)
     else:
-        keep = (run_j != big) & (run_s > float("-inf")) & (slot < n_sel)
-        jsel = run_j
+        if KEY32:
+            keep = (run >= 0) & (slot < n_sel)
+            jsel = (big - (run & 0xFFFFFFFF)).to(tl.int32)
+        else:
+            keep = (run_j != big) & (run_s > float("-inf")) & (slot < n_sel)
+            jsel = run_j
+        ordered = tl.sort(tl.where(keep, jsel, big))
+        out = tl.where(ordered == big, -1, ordered).to(tl.int32)
+        tl.store(IDX + b.to(tl.int64) * si_b + kvh * si_h + slot, out, mask=slot < n_sel)
+
+
+@triton.jit
+def _merge_splits_kernel(PART, IDX, si_b, si_h, n_sel, SPLITS: tl.constexpr, NP: tl.constexpr):
+    """The n_sel largest of the SPLITS x NP partial keys of (b, h), decoded, sorted, -1 padded."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    big = 2147483647
+    base = (b.to(tl.int64) * tl.num_programs(1) + kvh) * SPLITS * NP
+    run = tl.topk(tl.load(PART + base + tl.arange(0, SPLITS * NP)), NP)
+    slot = tl.arange(0, NP)
+    keep = (run >= 0) & (slot < n_sel)
+    jsel = (big - (run & 0xFFFFFFFF)).to(tl.int32)
     ordered = tl.sort(tl.where(keep, jsel, big))
     out = tl.where(ordered == big, -1, ordered).to(tl.int32)
     tl.store(IDX + b.to(tl.int64) * si_b + kvh * si_h + slot, out, mask=slot < n_sel)
+
+
+def split_count(B: int, Hkv: int, num_tiles: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): 1, or a power of two that brings B * Hkv * splits to about
+    two programs per SM of the GPU (``TUNING["split_programs"]`` overrides the target), at most one
+    split per BJ-tile of the capacity."""
+    target = TUNING.get("split_programs")
+    if target is None:
+        if device.type != "cuda":
+            return 1
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1
+    while B * Hkv * splits * 2 <= target and splits * 2 <= num_tiles:
+        splits *= 2
+    return splits
 
 
 def _tiles(cfg: "NSAConfig") -> tuple[int, int, int, int]:
@@ -193,13 +237,18 @@ def refusal(q: torch.Tensor, cmp: "PagedView") -> str | None:
 
 @torch.no_grad()
 def decode_select(q: torch.Tensor, cmp: "PagedView", seqlens: torch.Tensor, cfg: "NSAConfig", *,
-                  width: int, lse: torch.Tensor | None = None) -> torch.Tensor:
+                  width: int, lse: torch.Tensor | None = None, num_sel: int | None = None) -> torch.Tensor:
     """q (B, Hq, Dk); cmp: the compressed store (``NSAKVCache.views()[1]``); seqlens (B,) int32 raw
     tokens per sequence (the query sits at seqlens - 1); width: compressed slots the step may read
     (``decode_fast.cmp_width``, from the capacity); lse (B, Hq) the cmp branch's natural lse or
-    None -> block_idx (B, Hkv, n_sel) int32, as ``selection.top_blocks`` orders it.
+    None; num_sel: selection blocks of the raw capacity (``cfg.num_sel_blocks(raw.capacity)``; None:
+    estimated from ``width``), which only sizes the splits -> block_idx (B, Hkv, n_sel) int32, as
+    ``selection.top_blocks`` orders it.
 
-    One launch, grid (B, Hkv), no host read: capturable in a CUDA graph. Inputs are assumed valid
+    One launch, grid (B, Hkv), no host read: capturable in a CUDA graph. On a GPU with the lse
+    given and fp32 keys, B * Hkv below two programs per SM: grid (B, Hkv, splits) over ranges of
+    selection blocks, each leaving its top keys, then ``_merge_splits_kernel`` (grid (B, Hkv)) merges
+    them (``split_count``; the splits depend on B and the capacity only). Inputs are assumed valid
     (``refusal`` says which are not handled)."""
     B, Hq, Dk = q.shape
     Hkv = cmp.k_pages.shape[2]
@@ -220,20 +269,30 @@ def decode_select(q: torch.Tensor, cmp: "PagedView", seqlens: torch.Tensor, cfg:
     NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1
     KP = max(NP, next_pow2(BJ))
     key32 = q.dtype != torch.float64
+    if num_sel is None:
+        num_sel = cfg.num_sel_blocks(width * cfg.block_stride + cfg.block_len)
+    num_tiles = max(1, -(-num_sel // BJ))
+    # Splits need the lse (else each split would redo the lse pass) and the int64 keys.
+    splits = split_count(B, Hkv, num_tiles, q.device) if lse is not None and key32 else 1
+    split_blocks = -(-num_tiles // splits) * BJ
+    part = torch.empty(B, Hkv, splits, NP, dtype=torch.int64, device=q.device) if splits > 1 else out
     if lse is not None:
         lse_arg, slse = lse, (lse.stride(0), lse.stride(1))
     else:
         lse_arg, slse = out, (0, 0)  # never read
-    _decode_select_kernel[(B, Hkv)](
-        q, kc, table, cmp.cache_seqlens, seqlens, lse_arg, out,
+    _decode_select_kernel[(B, Hkv, splits)](
+        q, kc, table, cmp.cache_seqlens, seqlens, lse_arg, out, part,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), table.stride(0), *slse,
         out.stride(0), out.stride(1),
         G, Dk, width, kc.shape[1], cfg.softmax_scale(Dk), cfg.n_sel, cfg.n_init, cfg.n_local,
-        cfg.sel_block, R, RW, BJ,
+        cfg.sel_block, R, RW, BJ, split_blocks,
         GP=next_pow2(G, 16), BD=next_pow2(Dk, 16), BC=BC, KP=KP, NP=NP,
-        HAS_LSE=lse is not None, KEY32=key32, PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
+        HAS_LSE=lse is not None, KEY32=key32, SPLITS=splits, PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
+    if splits > 1:
+        _merge_splits_kernel[(B, Hkv)](part, out, out.stride(0), out.stride(1), cfg.n_sel, SPLITS=splits, NP=NP,
+                                       num_warps=1)
     return out
 
 

@@ -526,7 +526,10 @@ def test_gpu_fast_equals_reference(fa2):
     if fa2 is None:
         assert paths["win"] == {("torch", "fa2=None")}, paths
     elif importlib.util.find_spec("flash_attn") is not None:
-        assert paths["win"] == paths["cmp"] == paths["sel"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
+        assert paths["win"] == paths["cmp"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
+    # select="auto": the Triton decode kernels take the selection and sel on an sm80+ GPU
+    assert paths["select"] == {("triton", "triton decode_select")}, paths
+    assert paths["sel"] == {("triton", "triton decode_sel")}, paths
 
 
 @pytest.mark.gpu
@@ -630,13 +633,22 @@ def test_gpu_triton_selection_equals_torch_selection(lse_from):
     assert (listed[..., :-1] | ~listed[..., 1:]).all() and (got[..., 1:] > got[..., :-1])[listed[..., 1:]].all()
     assert (listed.sum(-1) == torch.tensor([min(PAPER.n_sel, (n - 1) // 64 + 1) for n in lengths],
                                            device="cuda")[:, None]).all()
+    # the Triton sel kernel over the paged raw cache vs sel_gather + attend_fixed, same blocks
+    from nsa_ref.decode_fast import attend_fixed, sel_gather
+    from nsa_ref.triton_kernels.decode_sel import decode_sel
+
+    raw = cache.views()[0]
+    o = decode_sel(q, raw, raw.cache_seqlens, want, PAPER)
+    kk, vv, valid = sel_gather(cache.cache_seqlens.long() - 1, want, raw, PAPER)
+    _bf16_close(o, attend_fixed(q, kk, vv, valid, PAPER.softmax_scale(d))[0], "decode_sel vs torch sel")
 
 
 @pytest.mark.gpu
 def test_gpu_triton_selection_step_and_graph():
     """decode_step_fast with select="triton" vs select="torch" on twin caches (6 steps, bf16
-    closeness as the other GPU tests), then CapturedDecodeStep with select="triton" (the kernel
-    inside the CUDA graph) for 20 steps against decode_step_batched; telemetry names the kernel."""
+    closeness as the other GPU tests), then CapturedDecodeStep with select="triton" (the decode
+    selection and sel kernels inside the CUDA graph) for 20 steps against decode_step_batched;
+    telemetry names the kernels."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     telemetry.reset()
@@ -647,6 +659,7 @@ def test_gpu_triton_selection_step_and_graph():
         want = decode_step_fast(*args, b, PAPER, select="torch")
         _bf16_close(got, want, f"step {i}")
     assert ("triton", "triton decode_select") in _paths()["select"], _paths()
+    assert ("triton", "triton decode_sel") in _paths()["sel"], _paths()
     (graphed, ref), inputs = _gpu_case(seed=6)
     step = CapturedDecodeStep(graphed, PAPER, *inputs(0), select="triton")
     assert step.graph is not None

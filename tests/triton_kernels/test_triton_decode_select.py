@@ -186,6 +186,32 @@ def test_long_paper_config_scaled_down(ds, kdev, dtype):
     assert got[-1, :, 2:-2].ne(-1).all() and len(set(got[-1, 0].tolist())) == 16
 
 
+@pytest.mark.parametrize("cfg", [pytest.param(TINY, id="tiny"), pytest.param(PAPER8, id="paper-n8")])
+def test_split_launch_matches_torch(ds, kdev, monkeypatch, cfg, programs=16):
+    """The split launch (grid (B, Hkv, splits) + the merge kernel), forced through
+    TUNING["split_programs"] = 16: B * Hkv = 4 or 6 programs become 4 or 2 splits each (the last
+    one open-ended), same blocks as torch; forced blocks in one split, free picks in others."""
+    monkeypatch.setitem(ds.TUNING, "split_programs", programs)
+    lengths = [1, 3 * cfg.sel_block + 1, 300] if cfg is not PAPER8 else [1, 3000]
+    cap = 320 if cfg is not PAPER8 else 3072
+    cache = _cache(lengths, 2, 8, cfg, ("paged", 16), cap, torch.float32, kdev, seed=programs)
+    raw, cmp = cache.views()
+    from nsa_ref.decode_fast import cmp_width
+
+    width = cmp_width(raw, cmp, cfg)
+    R, RW, BC, BJ = ds._tiles(cfg)
+    num_sel = cfg.num_sel_blocks(raw.capacity)
+    assert ds.split_count(len(lengths), 2, -(-num_sel // BJ), torch.device(kdev)) > 1
+    q = torch.randn(len(lengths), 8, 8, generator=torch.Generator().manual_seed(1)).to(kdev)
+    lse = _torch_lse(q, cache, cfg)
+    got = ds.decode_select(q, cmp, raw.cache_seqlens, cfg, width=width, lse=lse, num_sel=num_sel)
+    assert_same_blocks(got, _torch_select(q, cache, cfg, lse), f"split programs={programs}")
+    # an underestimated num_sel (2 tiles: 2 splits): the last split still runs to the current block
+    assert ds.split_count(len(lengths), 2, 2, torch.device(kdev)) == 2
+    got = ds.decode_select(q, cmp, raw.cache_seqlens, cfg, width=width, lse=lse, num_sel=2 * BJ)
+    assert_same_blocks(got, _torch_select(q, cache, cfg, lse), "num_sel=2 BJ")
+
+
 def test_launch_does_not_depend_on_host_lengths(ds, kdev, monkeypatch):
     """The lengths the kernel uses are the device ones: with the host lengths replaced by
     nonsense (and .tolist / .item banned), the result follows cache_seqlens."""
@@ -228,7 +254,7 @@ def test_tie_goes_to_the_lower_block(ds, kdev):
 def test_decode_fast_with_triton_selection_equals_prefill(kdev, layout):
     """decode_step_fast with select="triton" (fp64 through the interpreter on the CPU, fp32 on a
     GPU): equal to prefill step after step, lengths crossing l, l' and the n_sel boundary;
-    telemetry records the Triton selection and no torch one."""
+    telemetry records the Triton selection and sel kernels and no other path for them."""
     from nsa_ref.decode_fast import decode_step_fast
 
     dtype = torch.float64 if kdev == "cpu" else torch.float32
@@ -247,7 +273,8 @@ def test_decode_fast_with_triton_selection_equals_prefill(kdev, layout):
         err = (got.double().cpu() - case.want[rows]).abs().max().item()
         assert err <= (1e-10 if dtype == torch.float64 else 1e-4), f"step {step}: max|fast - prefill| = {err:.3g}"
     paths = {(b, p) for b, p, _ in telemetry.snapshot()["counts"]}
-    assert ("select", "triton") in paths and ("select", "torch") not in paths, paths
+    assert {("select", "triton"), ("sel", "triton")} <= paths, paths
+    assert not {("select", "torch"), ("sel", "torch"), ("sel", "fa2")} & paths, paths
 
 
 def test_decode_fast_select_auto_and_torch(kdev):
@@ -262,15 +289,15 @@ def test_decode_fast_select_auto_and_torch(kdev):
     a = decode_attend_fast(q, gates, cache, TINY, fa2=None, select="torch")
     b = decode_attend_fast(q, gates, cache, TINY, fa2=None, select="auto")
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    paths = {(br, p) for br, p, _ in telemetry.snapshot()["counts"] if br == "select"}
-    assert paths == {("select", "torch"), ("select", "triton")}, paths
+    paths = {(br, p) for br, p, _ in telemetry.snapshot()["counts"] if br in ("select", "sel")}
+    assert paths == {("select", "torch"), ("select", "triton"), ("sel", "torch"), ("sel", "triton")}, paths
     assert select_path("torch", q, cache.views()[1]) == (False, "select='torch'")
     with pytest.raises(ValueError, match="select="):
         select_path("bogus", q, cache.views()[1])
     if kdev == "cpu":
         q16 = q.to(torch.bfloat16)
         assert select_path("auto", q16, cache.views()[1])[0] is False
-        with pytest.raises(RuntimeError, match="Triton decode selection"):
+        with pytest.raises(RuntimeError, match="Triton decode kernel decode_select"):
             select_path("triton", q16, cache.views()[1])
 
 

@@ -1,9 +1,9 @@
 """The fast batched NSA decode step: static shapes, no host read after the append, FA-2 kvcache
 for win and cmp where a provider has it.
 
-    decode_step_fast(q, k_new, v_new, gates, cache, cfg, fa2="auto", validate="values")
+    decode_step_fast(q, k_new, v_new, gates, cache, cfg, fa2="auto", validate="values", select="auto")
         checks (those of ``decode_step_batched``), appends, then ``decode_attend_fast``
-    decode_attend_fast(q, gates, cache, cfg, fa2="auto")
+    decode_attend_fast(q, gates, cache, cfg, fa2="auto", select="auto")
         the branches for the last token of every sequence: the part a CUDA graph captures
 
 It computes what ``nsa_ref.decode_batched.decode_step_batched`` (the plain-torch reference, itself
@@ -330,6 +330,7 @@ SELECT_MODES = ("auto", "triton", "torch")
 
 
 _TRITON_DECODE = {"select": "decode_select", "sel": "decode_sel"}
+_triton_verdicts: dict[tuple, str | None] = {}
 
 
 def select_path(select: str, q: torch.Tensor, store: PagedView, branch: str = "select") -> tuple[bool, str]:
@@ -341,8 +342,25 @@ def select_path(select: str, q: torch.Tensor, store: PagedView, branch: str = "s
         raise ValueError(f"select={select!r}: one of {SELECT_MODES}")
     if select == "torch":
         return False, "select='torch'"
-    from nsa_ref.triton_kernels import unavailable_reason
+    from nsa_ref.triton_kernels import interpreting, unavailable_reason
 
+    # Memoised per geometry (the eager step pays the checks once, not per step).
+    key = (branch, q.device, q.dtype, q.dim(), q.shape[-1], store.k_pages.dtype, store.k_pages.device,
+           store.v_pages.shape[-1], interpreting())
+    if key in _triton_verdicts:
+        why = _triton_verdicts[key]
+    else:
+        why = _triton_refusal(branch, q, store, unavailable_reason)
+        _triton_verdicts[key] = why
+    if why is None:
+        return True, f"triton {_TRITON_DECODE[branch]}"
+    if select == "triton":
+        raise RuntimeError(f"select='triton': the Triton decode kernel {_TRITON_DECODE[branch]} cannot run here: {why}")
+    return False, why
+
+
+def _triton_refusal(branch: str, q: torch.Tensor, store: PagedView, unavailable_reason) -> str | None:
+    """Why the Triton decode kernel of ``branch`` cannot take q and store (None: it can)."""
     why = unavailable_reason(q)  # before importing Triton: a CPU run without the interpreter never does
     if why is None:
         try:
@@ -353,11 +371,7 @@ def select_path(select: str, q: torch.Tensor, store: PagedView, branch: str = "s
             why = f"Triton does not import ({e})"
         else:
             why = module.refusal(q, store)
-    if why is None:
-        return True, f"triton {_TRITON_DECODE[branch]}"
-    if select == "triton":
-        raise RuntimeError(f"select='triton': the Triton decode kernel {_TRITON_DECODE[branch]} cannot run here: {why}")
-    return False, why
+    return why
 
 
 # -- the step -------------------------------------------------------------------------------------

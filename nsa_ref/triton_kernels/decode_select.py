@@ -39,6 +39,7 @@ and blocks whose scores tie within rounding may be picked differently.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -189,6 +190,11 @@ def _merge_splits_kernel(PART, IDX, si_b, si_h, n_sel, SPLITS: tl.constexpr, NP:
     tl.store(IDX + b.to(tl.int64) * si_b + kvh * si_h + slot, out, mask=slot < n_sel)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def split_count(B: int, Hkv: int, num_tiles: int, device: torch.device) -> int:
     """Programs per (sequence, KV head): 1, or a power of two that brings B * Hkv * splits to about
     two programs per SM of the GPU (``TUNING["split_programs"]`` overrides the target), at most one
@@ -197,7 +203,7 @@ def split_count(B: int, Hkv: int, num_tiles: int, device: torch.device) -> int:
     if target is None:
         if device.type != "cuda":
             return 1
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
     while B * Hkv * splits * 2 <= target and splits * 2 <= num_tiles:
         splits *= 2

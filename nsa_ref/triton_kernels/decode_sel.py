@@ -2,7 +2,8 @@
 
     decode_sel(q, raw, seqlens, block_idx, cfg) -> o_sel (B, Hq, Dv) in q's dtype
 
-One program per (sequence b, KV head h), grid (B, Hkv): its G query heads are the rows of one
+One program per (sequence b, KV head h), grid (B, Hkv) (on a GPU where B * Hkv leaves SMs idle:
+(B, Hkv, splits) over the n_sel entries and a merge launch, ``split_count``): its G query heads are the rows of one
 (G, Dk) matrix (padded to 16 rows for the dot products); for each of the n_sel entries of
 block_idx[b, h] (-1: skipped) it reads the l' tokens of that selection block through the block
 table (token s at k_pages[block_table[b, s // P], s % P, h]), masks s > t (t = seqlens[b] - 1, read on
@@ -13,6 +14,7 @@ Capturable in a CUDA graph: the launch depends on the cache's geometry only.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,19 +29,22 @@ if TYPE_CHECKING:
     from nsa_ref.kv_cache import PagedView
 
 MAX_HEAD_DIM = 256
-TUNING = {"num_warps": 4, "num_stages": 2}
+#: split_programs: None = about two programs per SM on a GPU, one per (b, h) elsewhere; an int
+#: forces that target (tests run the split path on the interpreter with it).
+TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None}
 
 
 @triton.jit
 def _decode_sel_kernel(
-    Q, KP_, VP_, BT, SEQ, IDX, OUT,
+    Q, KP_, VP_, BT, SEQ, IDX, OUT, PART_M, PART_L, PART_ACC,
     sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt_b, si_b, si_h, so_b, so_h,
-    G, Dk, Dv, P, scale, n_sel, SEL_BLOCK,
-    GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+    G, Dk, Dv, P, scale, n_sel, SEL_BLOCK, per_split,
+    GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, SPLITS: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     t = tl.load(SEQ + b) - 1
     g = tl.arange(0, GP)
     row_ok = g < G
@@ -53,7 +58,9 @@ def _decode_sel_kernel(
     acc = tl.zeros([GP, BDV], ACC)
     u = tl.arange(0, BL)
     idx_row = IDX + b.to(tl.int64) * si_b + kvh * si_h
-    for r in range(0, n_sel):
+    r_lo = split * per_split
+    r_hi = tl.minimum(n_sel, r_lo + per_split) if SPLITS > 1 else n_sel
+    for r in range(r_lo, r_hi):
         j = tl.load(idx_row + r)
         s_tok = j * SEL_BLOCK + u
         ok = (u < SEL_BLOCK) & (s_tok >= 0) & (s_tok <= t)  # j = -1: every s_tok < 0
@@ -73,9 +80,58 @@ def _decode_sel_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
-    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    if SPLITS > 1:  # partial softmax state of this split, merged by _merge_sel_kernel
+        part = ((b.to(tl.int64) * tl.num_programs(1) + kvh) * SPLITS + split) * GP + g
+        tl.store(PART_M + part, m_i)
+        tl.store(PART_L + part, l_i)
+        tl.store(PART_ACC + part[:, None] * BDV + dv[None, :], acc)
+    else:
+        out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < Dv)[None, :])
+
+
+@triton.jit
+def _merge_sel_kernel(PART_M, PART_L, PART_ACC, OUT, so_b, so_h, G, Dv,
+                      GP: tl.constexpr, BDV: tl.constexpr, SPLITS: tl.constexpr):
+    """The SPLITS partial (max, sum, acc) of (b, h) -> o_sel rows, 0 where nothing was visible."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.arange(0, SPLITS)
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, BDV)
+    base = (b.to(tl.int64) * tl.num_programs(1) + kvh) * SPLITS
+    part = (base + sp)[:, None] * GP + g[None, :]  # (SPLITS, GP)
+    m = tl.load(PART_M + part)
+    l = tl.load(PART_L + part)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp(m - m_safe[None, :])  # exp(-inf) = 0 for splits that saw nothing
+    l_all = tl.sum(w * l, 0)
+    acc = tl.sum(tl.load(PART_ACC + part[:, :, None] * BDV + dv[None, None, :]) * w[:, :, None], 0)
+    out = tl.where(l_all[:, None] > 0, acc / tl.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
+    head = kvh * G + g
     tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (dv < Dv)[None, :])
+             mask=(g < G)[:, None] & (dv < Dv)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_count(B: int, Hkv: int, n_sel: int, device: torch.device) -> int:
+    """Programs per (sequence, KV head): a power of two bringing B * Hkv * splits to about two per SM
+    on a GPU (``TUNING["split_programs"]`` overrides the target), at most n_sel / 2; 1 elsewhere."""
+    target = TUNING.get("split_programs")
+    if target is None:
+        if device.type != "cuda":
+            return 1
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    splits = 1
+    while B * Hkv * splits * 2 <= target and splits * 4 <= n_sel:
+        splits *= 2
+    return splits
 
 
 def refusal(q: torch.Tensor, raw: "PagedView") -> str | None:
@@ -114,15 +170,29 @@ def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_i
     if table.shape[1] == 0:  # zero capacity: nothing visible (every block index -1)
         table = torch.zeros(B, 1, dtype=torch.int32, device=q.device)
     idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
-    _decode_sel_kernel[(B, Hkv)](
-        q, kp, vp, table, seqlens, idx, out,
+    n_sel = idx.shape[-1]
+    GP, BDV = next_pow2(Hq // Hkv, 16), next_pow2(Dv, 16)
+    splits = split_count(B, Hkv, n_sel, q.device)
+    per_split = -(-n_sel // splits)
+    if splits > 1:
+        acc_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        pm = torch.empty(B, Hkv, splits, GP, dtype=acc_dt, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B, Hkv, splits, GP, BDV, dtype=acc_dt, device=q.device)
+    else:
+        pm = pl = pacc = out  # never written
+    _decode_sel_kernel[(B, Hkv, splits)](
+        q, kp, vp, table, seqlens, idx, out, pm, pl, pacc,
         q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2),
         table.stride(0), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1),
-        Hq // Hkv, Dk, Dv, kp.shape[1], cfg.softmax_scale(Dk), idx.shape[-1], cfg.sel_block,
-        GP=next_pow2(Hq // Hkv, 16), BD=next_pow2(Dk, 16), BDV=next_pow2(Dv, 16), BL=next_pow2(cfg.sel_block, 16),
+        Hq // Hkv, Dk, Dv, kp.shape[1], cfg.softmax_scale(Dk), n_sel, cfg.sel_block, per_split,
+        GP=GP, BD=next_pow2(Dk, 16), BDV=BDV, BL=next_pow2(cfg.sel_block, 16), SPLITS=splits,
         PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
+    if splits > 1:
+        _merge_sel_kernel[(B, Hkv)](pm, pl, pacc, out, out.stride(0), out.stride(1), Hq // Hkv, Dv,
+                                    GP=GP, BDV=BDV, SPLITS=splits, num_warps=4)
     return out
 
 

@@ -87,3 +87,14 @@ def test_sel_other_value_width_and_any_block_list(dsel, kdev):
                        dtype=torch.int32, device=kdev)
     got = _check(dsel, cache, TINY, 4, torch.float64, kdev, "any block list", block_idx=idx)
     assert got[2, :2].eq(0).all() and got[2, 2:].ne(0).any()
+
+
+@pytest.mark.parametrize("programs", [8, 64])
+def test_sel_split_launch_matches_torch(dsel, kdev, monkeypatch, programs):
+    """The split launch (grid (B, Hkv, splits) over the n_sel entries + the merge kernel), forced
+    through TUNING["split_programs"]: 2 or 4 splits of PAPER8's 8 entries, one sequence whose
+    later splits see only -1 padding (a split with nothing visible), fp64."""
+    monkeypatch.setitem(dsel.TUNING, "split_programs", programs)
+    cache = _cache([70, 1000], 2, 16, PAPER8, ("paged", 64), 1024, torch.float64, kdev, seed=programs)
+    assert dsel.split_count(2, 2, PAPER8.n_sel, torch.device(kdev)) == {8: 2, 64: 4}[programs]
+    _check(dsel, cache, PAPER8, 8, torch.float64, kdev, f"split programs={programs}")

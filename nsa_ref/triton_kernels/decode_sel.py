@@ -59,7 +59,9 @@ def _decode_sel_kernel(
     u = tl.arange(0, BL)
     idx_row = IDX + b.to(tl.int64) * si_b + kvh * si_h
     r_lo = split * per_split
-    r_hi = tl.minimum(n_sel, r_lo + per_split) if SPLITS > 1 else n_sel
+    r_hi = n_sel
+    if SPLITS > 1:
+        r_hi = tl.minimum(n_sel, r_lo + per_split)
     for r in range(r_lo, r_hi):
         j = tl.load(idx_row + r)
         s_tok = j * SEL_BLOCK + u

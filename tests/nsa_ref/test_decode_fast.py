@@ -604,8 +604,8 @@ def _gpu_selection_pair(cache, q, cfg, lse):
 def test_gpu_triton_selection_equals_torch_selection(lse_from):
     """bf16, Hq 64 / Hkv 4 / D 128, paper config, paged raw pages of 256, 32 sequences of 1..16K
     tokens: decode_select's block_idx equals decode_fast's torch selection except in rows where
-    two scores tie within fp32 rounding (summation order differs; at most 1 in 100 (sequence, KV
-    head) rows may differ); every row strictly ascending, -1 padding last, min(n, c + 1) blocks."""
+    two scores tie within fp32 rounding (summation order differs; at most 2 of the 128 (sequence,
+    KV head) rows may differ); every row strictly ascending, -1 padding last, min(n, c + 1) blocks."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     g = torch.Generator(device="cuda").manual_seed(21)
@@ -628,7 +628,7 @@ def test_gpu_triton_selection_equals_torch_selection(lse_from):
         lse = torch.logsumexp(s.masked_fill(~emitted[:, None, None, :], -math.inf), -1).reshape(B, hq).float()
     got, want = _gpu_selection_pair(cache, q, PAPER, lse)
     differ = (got != want).any(-1)
-    assert differ.float().mean().item() <= 0.01, (differ.sum().item(), got[differ][:2].tolist(), want[differ][:2].tolist())
+    assert differ.sum().item() <= 2, (differ.sum().item(), got[differ][:2].tolist(), want[differ][:2].tolist())
     listed = got >= 0
     assert (listed[..., :-1] | ~listed[..., 1:]).all() and (got[..., 1:] > got[..., :-1])[listed[..., 1:]].all()
     assert (listed.sum(-1) == torch.tensor([min(PAPER.n_sel, (n - 1) // 64 + 1) for n in lengths],

@@ -88,7 +88,7 @@ def _cmp_tile_scores(q, KC, cbase, i0, n_vis, kvh, pos, sk_t, sk_h, Dk, scale_lo
     ci = i0 + tl.arange(0, BC)
     kc = tl.load(KC + (cbase + ci)[:, None].to(tl.int64) * sk_t + kvh * sk_h + d[None, :],
                  mask=(ci < n_vis)[:, None] & (d < Dk)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(kc), input_precision=PREC, out_dtype=ACC) * scale_log2
+    s = (tl.dot(q, tl.trans(kc), input_precision=PREC, out_dtype=ACC) * scale_log2).to(ACC)
     vis = (ci[None, :] * STRIDE + BLOCK_LEN - 1 <= pos[:, None]) & (ci < n_vis)[None, :]
     return ci, s, vis
 

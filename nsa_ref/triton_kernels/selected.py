@@ -99,7 +99,9 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
     for s in range(_listed(idx_row, pos, n_sel, SEL_BLOCK, NP)):
         kmask, k, v = _key_block(K, V, tl.load(idx_row + s), kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv,
                                  SEL_BLOCK, BL, BDK, BDV)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
+        # .to(ACC): under torch.compile inductor passes Python floats as fp64 scalars, which would
+        # promote the loop-carried softmax state (H200, torch 2.11: fullgraph compile failed here).
+        sc = (tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2).to(ACC)
         sc = tl.where(kmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))  # finite: key j * l' <= t is always visible
         alpha = tl.exp2(m_i - m_new)
@@ -128,7 +130,7 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
     for s in range(_listed(idx_row, pos, n_sel, SEL_BLOCK, NP)):
         kmask, k, v = _key_block(K, V, tl.load(idx_row + s), kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv,
                                  SEL_BLOCK, BL, BDK, BDV)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
+        sc = (tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2).to(ACC)
         p = tl.where(kmask[None, :], tl.exp2(sc - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
@@ -171,13 +173,13 @@ def _sel_dkv_kernel(Q, K, V, DO, POS, LSE2, DELTA, DK, DV, SEG, ENTRY_T, BLOCK_R
         lse2 = tl.load(LSE2 + t * Hq + head, mask=gm, other=float("inf"))
         delta = tl.load(DELTA + t * Hq + head, mask=gm, other=0.0)
         kmask = lmask & (rows <= t)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2
+        sc = (tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2).to(ACC)
         p = tl.where(kmask[None, :], tl.exp2(sc - lse2[:, None]), 0.0)  # (GP, BL)
         dv_acc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
         ds = tl.where(kmask[None, :], p * (dp - delta[:, None]), 0.0)
         dk_acc_t += tl.dot(tl.trans(q), ds.to(q.dtype), input_precision=PREC, out_dtype=ACC)
-    tl.atomic_add(DK + rows[None, :] * sdk_t + kvh * sdk_h + dk[:, None], dk_acc_t * scale, mask=lmask[None, :] & (dk < Dk)[:, None])
+    tl.atomic_add(DK + rows[None, :] * sdk_t + kvh * sdk_h + dk[:, None], (dk_acc_t * scale).to(ACC), mask=lmask[None, :] & (dk < Dk)[:, None])
     tl.atomic_add(DV + rows[:, None] * sdv_t + kvh * sdv_h + dv[None, :], dv_acc, mask=lmask[:, None] & (dv < Dv)[None, :])
 
 

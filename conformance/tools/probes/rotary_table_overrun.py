@@ -59,7 +59,9 @@ def build(provider, variant, device):
     k_cache, v_cache = C.rand(2, CAP, HK, D, device=device), C.rand(2, CAP, HK, D, device=device)
     before = (k_cache.clone(), v_cache.clone())
     long_cos, long_sin = _table(CAP + SQ, q.device)
-    cos, sin = long_cos[:CAP].contiguous(), long_sin[:CAP].contiguous()
+    # clone(): a slice would leave the longer table's rows 64.. right after row 63, so an overrun
+    # would read the right values by accident (the H200 run of 2026-12-03 did exactly that).
+    cos, sin = long_cos[:CAP].clone(), long_sin[:CAP].clone()
     call = C.kvcache_call(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=C.int32(LENGTHS, device),
                           causal=True, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
 

@@ -179,27 +179,33 @@ def _same(a, b):
     return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize(
-    "edit, error, pattern",
-    [
-        (lambda a: [a[0][:2], *a[1:]], ValueError, r"same \(B, n\)"),
-        (lambda a: [a[0][:2], a[1][:2], a[2][:2], a[3][:2]], KVCacheError, r"has 2.*B = 3"),
-        (lambda a: [*a[:3], a[3][..., :2]], ValueError, r"gates must be"),
-        (lambda a: [*a[:3], a[3] + 1.5], ValueError, r"\[0, 1\]"),
-        (lambda a: [a[0], a[1][:, None], *a[2:]], ValueError, r"all be 3-D .* or all 4-D"),
-        (lambda a: [x.float() for x in a], TypeError, r"holds torch.float64"),
-    ],
-    ids=["B-q", "B-cache", "gates-shape", "gates-range", "rank", "dtype"],
-)
-def test_refused_step_leaves_cache_unchanged(edit, error, pattern):
-    case = Case(SMALL, [10, 10, 10])
+#: (edit of (q, k_new, v_new, gates), error, message pattern, whether the message names the step
+#: function) -- also the refusals of decode_step_fast (tests/nsa_ref/test_decode_fast.py).
+REFUSALS = [
+    (lambda a: [a[0][:2], *a[1:]], ValueError, r"same \(B, n\)", True),
+    (lambda a: [a[0][:2], a[1][:2], a[2][:2], a[3][:2]], KVCacheError, r"has 2.*B = 3", False),
+    (lambda a: [*a[:3], a[3][..., :2]], ValueError, r"gates must be", False),
+    (lambda a: [*a[:3], a[3] + 1.5], ValueError, r"\[0, 1\]", False),
+    (lambda a: [a[0], a[1][:, None], *a[2:]], ValueError, r"all be 3-D .* or all 4-D", True),
+    (lambda a: [x.float() for x in a], TypeError, r"holds torch.float64", False),
+]
+REFUSAL_IDS = ["B-q", "B-cache", "gates-shape", "gates-range", "rank", "dtype"]
+
+
+def refused_step_args(case: "Case", edit):
+    """A cache prefilled to [4, 0, 9] (3 sequences), its bytes, and the edited step arguments."""
     cache = case.cache(3)
     case.prefill(cache, [4, 0, 9])
-    before = _bytes(cache)
     rows = case.rows([4, 0, 9])
-    args = edit([x[rows] for x in (case.q, case.k, case.v, case.gates)])
-    with pytest.raises(error, match=pattern):
+    return cache, _bytes(cache), edit([x[rows] for x in (case.q, case.k, case.v, case.gates)])
+
+
+@pytest.mark.parametrize("edit, error, pattern, named", REFUSALS, ids=REFUSAL_IDS)
+def test_refused_step_leaves_cache_unchanged(edit, error, pattern, named):
+    cache, before, args = refused_step_args(Case(SMALL, [10, 10, 10]), edit)
+    with pytest.raises(error, match=pattern) as caught:
         decode_step_batched(*args, cache, SMALL)
+    assert not named or str(caught.value).startswith("decode_step_batched: ")
     assert _same(before, _bytes(cache)), "a refused step changed the cache"
 
 

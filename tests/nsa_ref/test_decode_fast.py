@@ -30,7 +30,7 @@ from nsa_ref.decode_fast import (
 )
 from nsa_ref.kv_cache import CacheCapacityError, KVCacheError, NSAKVCache
 from nsa_ref_testkit import ODD, SMALL, assert_close
-from test_decode_batched import TIED, Case
+from test_decode_batched import REFUSAL_IDS, REFUSALS, TIED, Case, _bytes, _same, refused_step_args
 
 PAPER = NSAConfig()
 CONFIGS = {"small": SMALL, "odd": ODD, "tied": TIED}
@@ -388,37 +388,13 @@ def test_captured_step_reads_nothing_from_the_device(monkeypatch):
 
 # -- refusals: those of decode_step_batched, nothing written --------------------------------------
 
-def _bytes(cache):
-    return [t.clone() for s in (cache.raw, cache.cmp) for t in (s.k_pages, s.v_pages, s.cache_seqlens)] + [cache.lengths]
-
-
-def _same(a, b):
-    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
-
-
-@pytest.mark.parametrize(
-    "edit, error, pattern",
-    [
-        (lambda a: [a[0][:2], *a[1:]], ValueError, r"decode_step_fast: .*same \(B, n\)"),
-        (lambda a: [a[0][:2], a[1][:2], a[2][:2], a[3][:2]], KVCacheError, r"has 2.*B = 3"),
-        (lambda a: [*a[:3], a[3][..., :2]], ValueError, r"gates must be"),
-        (lambda a: [*a[:3], a[3] + 1.5], ValueError, r"\[0, 1\]"),
-        (lambda a: [a[0], a[1][:, None], *a[2:]], ValueError, r"decode_step_fast: .*all be 3-D .* or all 4-D"),
-        (lambda a: [x.float() for x in a], TypeError, r"holds torch.float64"),
-    ],
-    ids=["B-q", "B-cache", "gates-shape", "gates-range", "rank", "dtype"],
-)
-def test_refusals_are_those_of_the_reference(edit, error, pattern):
-    case = Case(SMALL, [10, 10, 10])
-    cache = case.cache(3)
-    case.prefill(cache, [4, 0, 9])
-    before = _bytes(cache)
-    rows = case.rows([4, 0, 9])
-    args = edit([x[rows] for x in (case.q, case.k, case.v, case.gates)])
-    with pytest.raises(error, match=pattern):
+@pytest.mark.parametrize("edit, error, pattern, named", REFUSALS, ids=REFUSAL_IDS)
+def test_refusals_are_those_of_the_reference(edit, error, pattern, named):
+    """The reference's refusals (test_decode_batched.REFUSALS), named after this step, nothing written."""
+    cache, before, args = refused_step_args(Case(SMALL, [10, 10, 10]), edit)
+    with pytest.raises(error, match=pattern) as caught:
         decode_step_fast(*args, cache, SMALL)
-    with pytest.raises(error, match=pattern.replace("decode_step_fast", "decode_step_batched")):
-        decode_step_batched(*args, cache, SMALL)
+    assert not named or str(caught.value).startswith("decode_step_fast: ")
     assert _same(before, _bytes(cache)), "a refused step changed the cache"
 
 

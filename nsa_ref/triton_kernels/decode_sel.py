@@ -14,7 +14,6 @@ Capturable in a CUDA graph: the launch depends on the cache's geometry only.
 """
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 
 from nsa_ref.triton_kernels.dtypes import dot_precision, tl_acc
-from nsa_ref.triton_kernels.layout import next_pow2
+from nsa_ref.triton_kernels.layout import next_pow2, split_programs
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -117,23 +116,10 @@ def _merge_sel_kernel(PART_M, PART_L, PART_ACC, OUT, so_b, so_h, G, Dv,
              mask=(g < G)[:, None] & (dv < Dv)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def split_count(B: int, Hkv: int, n_sel: int, device: torch.device) -> int:
     """Programs per (sequence, KV head): a power of two bringing B * Hkv * splits to about two per SM
     on a GPU (``TUNING["split_programs"]`` overrides the target), at most n_sel / 2; 1 elsewhere."""
-    target = TUNING.get("split_programs")
-    if target is None:
-        if device.type != "cuda":
-            return 1
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    splits = 1
-    while B * Hkv * splits * 2 <= target and splits * 4 <= n_sel:
-        splits *= 2
-    return splits
+    return split_programs(B * Hkv, n_sel // 2, device, TUNING.get("split_programs"))
 
 
 def refusal(q: torch.Tensor, raw: "PagedView") -> str | None:

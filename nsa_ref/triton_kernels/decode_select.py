@@ -39,7 +39,6 @@ and blocks whose scores tie within rounding may be picked differently.
 """
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,7 +46,7 @@ import triton
 import triton.language as tl
 
 from nsa_ref.triton_kernels.dtypes import dot_precision, tl_acc
-from nsa_ref.triton_kernels.layout import next_pow2
+from nsa_ref.triton_kernels.layout import next_pow2, split_programs
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -190,24 +189,11 @@ def _merge_splits_kernel(PART, IDX, si_b, si_h, n_sel, SPLITS: tl.constexpr, NP:
     tl.store(IDX + b.to(tl.int64) * si_b + kvh * si_h + slot, out, mask=slot < n_sel)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def split_count(B: int, Hkv: int, num_tiles: int, device: torch.device) -> int:
     """Programs per (sequence, KV head): 1, or a power of two that brings B * Hkv * splits to about
     two programs per SM of the GPU (``TUNING["split_programs"]`` overrides the target), at most one
     split per BJ-tile of the capacity."""
-    target = TUNING.get("split_programs")
-    if target is None:
-        if device.type != "cuda":
-            return 1
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    splits = 1
-    while B * Hkv * splits * 2 <= target and splits * 2 <= num_tiles:
-        splits *= 2
-    return splits
+    return split_programs(B * Hkv, num_tiles, device, TUNING.get("split_programs"))
 
 
 def _tiles(cfg: "NSAConfig") -> tuple[int, int, int, int]:

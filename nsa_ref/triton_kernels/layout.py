@@ -4,6 +4,7 @@ Tokens are packed as in FA-2 varlen: sequence b holds rows cu_seqlens[b]..cu_seq
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -50,3 +51,23 @@ def row_tiles(lengths: list[int], tile: int, cmp_counts: list[int]) -> list[tupl
         row += length
         crow += tc
     return tiles
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (asked once per device)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_programs(programs: int, max_splits: int, device: torch.device, target: int | None = None) -> int:
+    """How many ways to split each of ``programs`` decode programs: the largest power of two s with
+    programs * s * 2 <= target and s * 2 <= max_splits (1 when none), where target defaults to
+    two programs per SM of ``device``'s GPU; 1 off CUDA unless a target is given."""
+    if target is None:
+        if device.type != "cuda":
+            return 1
+        target = 2 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    splits = 1
+    while programs * splits * 2 <= target and splits * 2 <= max_splits:
+        splits *= 2
+    return splits

@@ -42,6 +42,8 @@ from nsa_ref.compress import mean_phi
 from nsa_ref.decode_batched import cmp_branch, sel_branch, select_from_probs, win_branch
 from nsa_ref.decode_fast import (
     CapturedDecodeStep,
+    advance_host_lengths,
+    append_static,
     attend_fixed,
     decode_attend_fast,
     decode_step_fast,
@@ -252,24 +254,33 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
 
 
 def profile_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype: torch.dtype, steps: int = 5) -> str:
-    """torch.profiler over ``steps`` eager ``decode_attend_fast`` calls on a cache filled to T:
-    the ops and kernels by device (or CPU) time, one table."""
+    """torch.profiler over ``steps`` eager steps of what ``CapturedDecodeStep`` captures
+    (``append_static`` + ``decode_attend_fast``) on a cache filled to T: the ops and kernels by
+    device (or CPU) time, one table."""
     from torch.profiler import ProfilerActivity, profile
 
     gen = torch.Generator(device=device).manual_seed(B + T)
-    capacity = T + 8
+    capacity = T + 3 * steps + 8
     cache = NSAKVCache.allocate(B, capacity, args.hkv, args.dim, cfg, dtype=dtype, device=device)
     fill_cache(cache, T, gen)
     q = torch.randn(B, args.hq, args.dim, device=device, dtype=dtype, generator=gen)
     g = torch.rand(B, args.hq, 3, device=device, generator=gen).to(dtype)
     fa2 = None if args.fa2 == "none" else "auto"
     select = getattr(args, "select", "auto")
+    k = torch.randn(B, args.hkv, args.dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(B, args.hkv, args.dim, device=device, dtype=dtype, generator=gen)
+
+    def step():
+        append_static(cache, k, v)
+        advance_host_lengths(cache, 1)
+        return decode_attend_fast(q, g, cache, cfg, fa2=fa2, select=select)
+
     for _ in range(3):
-        decode_attend_fast(q, g, cache, cfg, fa2=fa2, select=select)
+        step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            decode_attend_fast(q, g, cache, cfg, fa2=fa2, select=select)
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -335,7 +346,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="small shapes and config (CPU smoke test)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (--device cpu)")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of timing: torch.profiler over eager attend steps per config, the kernels "
+                        help="instead of timing: torch.profiler over eager steps (append + attend) per config, the kernels "
                              "that take the time written to profile_B<B>_T<T>.txt")
     args = parser.parse_args(argv)
     if args.device == "cpu":

@@ -1,4 +1,4 @@
-"""Decode conformance: one token at a time through NSACache equals prefill at that position.
+"""Decode conformance: one token at a time through NSAKVCache equals prefill at that position.
 
 Rule (nsa_spec.md, "Varlen and decode"): the decode result must equal the prefill result at the
 same position. Everything runs in fp64 on the CPU with a small config, so the two agree to
@@ -46,7 +46,7 @@ def _check(got, want, what):
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)], ids=["G1", "G2"])
 def test_functional_decode_from_empty_cache(hq, hkv):
     """B sequences decoded from position 0; every step equals prefill of the whole sequences."""
-    from nsa_ref import NSACache, decode_step, nsa_attention
+    from nsa_ref import NSAKVCache, decode_step, nsa_attention
 
     cfg, B, T = _cfg(), 2, 40
     g = torch.Generator().manual_seed(0)
@@ -58,20 +58,20 @@ def test_functional_decode_from_empty_cache(hq, hkv):
     prefill = nsa_attention(q, k, v, gates, cfg, cu, backend="reference")
     truth = brute.nsa_attention(q, k, v, gates, cfg, cu)
     _check(prefill, truth, "prefill vs brute force")
-    cache = NSACache(batch_size=B)
+    cache = NSAKVCache.allocate(B, T, hkv, 6, cfg, v_head_dim=4, dtype=torch.float64)
     for t in range(T):
         rows = [b * T + t for b in range(B)]
         out = decode_step(q[rows], k[rows], v[rows], gates[rows], cache, cfg)
         _check(out, prefill[rows], f"G={hq // hkv} t={t}")
         for b in range(B):
-            tc = cache.seqs[b].k_cmp.shape[0]
+            tc = cache.sequence(b)[2].shape[0]
             assert tc == cfg.num_cmp_blocks(t + 1), f"{RULE_EMIT}: t={t} seq {b}: {tc} cached blocks"
 
 
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)], ids=["G1", "G2"])
 def test_functional_decode_after_varlen_prefill(hq, hkv):
     """Prefill sequences of different lengths (one empty) into a cache, then decode 20 more."""
-    from nsa_ref import NSACache, compress, decode_step, nsa_attention
+    from nsa_ref import NSAKVCache, compress, decode_step, nsa_attention
 
     cfg, pre, steps = _cfg(window=5), [0, 7, 19], 20
     full = [n + steps for n in pre]
@@ -85,22 +85,23 @@ def test_functional_decode_after_varlen_prefill(hq, hkv):
     prefill = nsa_attention(q, k, v, gates, cfg, cu_full, backend="reference")
     starts = cu_full[:-1].tolist()
     head = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, pre)])
-    cache = NSACache.from_prefill(k[head], v[head], cfg, _cu(pre))
-    assert cache.lengths() == pre, f"prefill fills the cache: lengths {cache.lengths()} != {pre}"
+    cache = NSAKVCache.allocate(len(pre), max(full), hkv, 6, cfg, v_head_dim=4, dtype=torch.float64)
+    cache.prefill(k[head], v[head], _cu(pre))
+    assert cache.lengths == pre, f"prefill fills the cache: lengths {cache.lengths} != {pre}"
     for step in range(steps):
         rows = [s + n + step for s, n in zip(starts, pre)]
         out = decode_step(q[rows], k[rows], v[rows], gates[rows], cache, cfg)
         _check(out, prefill[rows], f"G={hq // hkv} step {step} positions {[n + step for n in pre]}")
     for b, (s, n) in enumerate(zip(starts, full)):
         want, _ = compress(k[s : s + n], cfg)
-        _check(cache.seqs[b].k_cmp, want, f"{RULE_EMIT}: cached k_cmp of seq {b} vs compress()")
+        _check(cache.sequence(b)[2], want, f"{RULE_EMIT}: cached k_cmp of seq {b} vs compress()")
 
 
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)], ids=["G1", "G2"])
 @pytest.mark.parametrize("compress", ["mean", "mlp"])
 def test_module_decode_equals_prefill(compress, hq, hkv):
     """NSAAttention: prefill a prefix through the cache, then one token per sequence."""
-    from nsa_ref import NSAAttention, NSACache
+    from nsa_ref import NSAAttention
 
     torch.manual_seed(0)
     cfg = _cfg(compress=compress)
@@ -111,7 +112,7 @@ def test_module_decode_equals_prefill(compress, hq, hkv):
     starts = cu[:-1].tolist()
     with torch.no_grad():
         want = mod(x, cu)
-        cache = NSACache()
+        cache = mod.allocate_cache(len(lengths), max(lengths))
         head = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, pre)])
         got_head = mod(x[head], _cu(pre), cache=cache)
         _check(got_head, want[head], f"{compress} G={hq // hkv}: prefill with a cache")
@@ -121,12 +122,14 @@ def test_module_decode_equals_prefill(compress, hq, hkv):
 
 
 def test_decode_needs_one_token_per_sequence():
-    from nsa_ref import NSACache, decode_step
+    from nsa_ref import NSAKVCache, decode_step
 
-    cache = NSACache(batch_size=2)
+    cfg = _cfg()
+    cache = NSAKVCache.allocate(2, 8, 2, 4, cfg, dtype=torch.float64)
     z = torch.zeros(3, 2, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"got 3 token\(s\) for a cache of batch_size=2"):
-        decode_step(z, z, z, torch.zeros(3, 2, 3, dtype=torch.float64), cache, _cfg())
+    with pytest.raises(ValueError, match=r"one row per cached sequence: k_new has 3.*B = 2"):
+        decode_step(z, z, z, torch.zeros(3, 2, 3, dtype=torch.float64), cache, cfg)
+    assert cache.lengths == [0, 0]
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (16, 1)], ids=["G2", "G16"])
@@ -135,7 +138,7 @@ def test_decode_on_suite_backend(impl_under_test, nsa_device, nsa_dtype, hq, hkv
     on its kernels) on --nsa-device / --nsa-dtype: every step within tolerances.yaml of the fp64
     prefill (rounding baseline: the reference prefill in the same dtype)."""
     from conformance import assertions as A
-    from nsa_ref import NSACache, decode_step, nsa_attention
+    from nsa_ref import NSAKVCache, decode_step, nsa_attention
 
     if not impl_under_test.slots["nsa"].is_reference:
         from conformance.capabilities import NOT_APPLICABLE
@@ -152,7 +155,7 @@ def test_decode_on_suite_backend(impl_under_test, nsa_device, nsa_dtype, hq, hkv
     truth = nsa_attention(*[x.to(nsa_dtype).double() for x in x64], gates.to(nsa_dtype).double(), cfg, cu,
                           backend="reference")
     base = None if nsa_dtype == torch.float64 else nsa_attention(*lo, cfg, cu, backend="reference")
-    cache = NSACache(batch_size=B)
+    cache = NSAKVCache.allocate(B, T, hkv, 8, cfg, dtype=nsa_dtype, device=nsa_device)
     dev = [x.to(nsa_device) for x in lo]
     out = torch.empty_like(truth, dtype=nsa_dtype)
     with torch.no_grad():

@@ -252,9 +252,10 @@ def test_sel_gather_parity(provider, T, G, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_equals_prefill_on_gpu(provider, dtype, monkeypatch):
-    """One token at a time through NSACache on the GPU vs the FA-2 prefill of the same sequences;
-    both within the tolerance rule of the fp64 reference (T <= 1024: selection cannot flip)."""
-    from nsa_ref import NSACache, decode_step, nsa_attention
+    """One token at a time through NSAKVCache (``decode_step``, backend "auto": FA-2 kvcache /
+    Triton where they run) on the GPU vs the FA-2 prefill of the same sequences; both within the
+    tolerance rule of the fp64 reference (T <= 1024: selection cannot flip)."""
+    from nsa_ref import NSAKVCache, decode_step, nsa_attention
 
     monkeypatch.setenv("NSA_FA2_PROVIDER", provider.name)
     dt = DTYPES[dtype]
@@ -265,7 +266,7 @@ def test_decode_equals_prefill_on_gpu(provider, dtype, monkeypatch):
     gates = torch.rand(B * T, q.shape[1], 3, device="cuda", generator=gen, dtype=torch.float64).to(dt)
     cu = torch.tensor([0, T, 2 * T], dtype=torch.int32, device="cuda")
     prefill = nsa_attention(q, k, v, gates, cfg, cu, backend="fa2")
-    cache = NSACache(batch_size=B)
+    cache = NSAKVCache.allocate(B, T, HKV, 128, cfg, dtype=dt, device="cuda")
     decoded = torch.empty_like(prefill)
     for t in range(T):
         rows = [t, T + t]

@@ -13,13 +13,14 @@ from nsa_ref.api import (
     select_blocks,
     win_attention,
 )
-from nsa_ref.decode import NSACache, decode_step
+from nsa_ref.decode import decode_step
+from nsa_ref.kv_cache import NSAKVCache
 from nsa_ref.module import NSAAttention
 
 __all__ = [
     "NSAConfig",
     "NSAAttention",
-    "NSACache",
+    "NSAKVCache",
     "cmp_attention",
     "compress",
     "decode_step",
@@ -28,5 +29,5 @@ __all__ = [
     "select_blocks",
     "win_attention",
 ]
-from nsa_ref.decode_batched import NSAKVCache, decode_step_batched  # noqa: E402  batched decode (Documentation/Architecture/Decode.md)
+from nsa_ref.decode_batched import decode_step_batched  # noqa: E402  batched decode (Documentation/Architecture/Decode.md)
 from nsa_ref.decode_fast import CapturedDecodeStep, decode_step_fast  # noqa: E402  fast decode step, CUDA-graph capturable (Decode.md)

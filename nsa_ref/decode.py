@@ -1,176 +1,25 @@
-"""One-token NSA decode with a per-sequence cache; equals prefill at the same position.
+"""``decode_step``: one NSA decode step over an ``NSAKVCache``, by backend name.
 
-Per sequence the cache keeps the raw keys/values seen so far and the compressed blocks emitted
-so far. Appending token t emits compressed block i exactly when it ends there
-(i*d + l - 1 == t, ``masks.cmp_block_emitted_at``), so every cached block is visible to the new
-query, as in prefill. The step reuses prefill's rule functions and math (``reference.attend``,
-``selection.cmp_block_probs`` / ``block_scores`` / ``top_blocks``) on the cached tensors, so in
-fp64 it agrees with prefill to rounding (~1e-12).
-
-``decode_step(..., backend=)`` asks ``nsa_ref.router`` as prefill's sel branch does: where it
-routes to Triton, block selection and the selected branch run on the Triton decode kernels;
-every other route runs the reference math on the cached tensors (cmp and win always do), and an
-explicit backend that cannot run raises as in prefill (backend="fa2" on CPU: FA2Unavailable).
-
-The cache stores tensors as given (graph included); run inference under ``torch.no_grad()``.
+The cache is ``nsa_ref.kv_cache.NSAKVCache`` (raw and compressed K/V of B sequences, paged or
+preallocated; build it with ``NSAKVCache.allocate`` / ``allocate_paged`` or
+``NSAAttention.allocate_cache``). The steps themselves live in ``nsa_ref.decode_batched``
+(``decode_step_batched``: the exact plain-torch reference) and ``nsa_ref.decode_fast``
+(``decode_step_fast``: static shapes, FA-2 kvcache / Triton decode kernels where they can run).
+This module only picks one of them from ``backend`` and refuses, before the cache changes, a
+backend that cannot run. Both steps equal prefill at the same positions (fp64: ~1e-12).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
-from nsa_ref import masks, reference, router, selection, telemetry, varlen
-from nsa_ref.api import combine_branches
-from nsa_ref.compress import gather_cmp_blocks, mean_phi
+from nsa_ref import router
 from nsa_ref.config import NSAConfig
-from nsa_ref.inputs import check_cfg, check_gates, check_heads
-from nsa_ref.packing import Packing
+from nsa_ref.decode_batched import check_step_inputs, decode_step_batched
+from nsa_ref.decode_fast import decode_step_fast, resolve_kvcache, select_path
+from nsa_ref.kv_cache import NSAKVCache
 
-#: phi: blocks (Nb, l, H, D) -> (Nb, H, D_out); ``mean_phi`` or an ``MLPCompressor``.
-Phi = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class SequenceCache:
-    """One sequence: k (S, Hkv, Dk), v (S, Hkv, Dv), k_cmp (Tc, Hkv, Dk), v_cmp (Tc, Hkv, Dv).
-
-    Tensors are None until the first token arrives (head sizes are unknown before).
-    """
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    k_cmp: torch.Tensor | None = None
-    v_cmp: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens seen so far (S)."""
-        return 0 if self.k is None else self.k.shape[0]
-
-
-class NSACache:
-    """Decode state of B sequences: raw K/V, compressed K/V and tokens seen, per sequence.
-
-    ``NSACache()`` holds no sequence yet: the next multi-token call (prefill) creates them.
-    ``NSACache(batch_size=B)`` starts B empty sequences, so decoding can begin at position 0.
-    """
-
-    def __init__(self, batch_size: int = 0) -> None:
-        if batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
-        self.seqs: list[SequenceCache] = [SequenceCache() for _ in range(batch_size)]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def is_empty(self) -> bool:
-        """No sequence yet: the next call must be a prefill."""
-        return not self.seqs
-
-    def lengths(self) -> list[int]:
-        """Tokens seen per sequence."""
-        return [s.num_tokens for s in self.seqs]
-
-    def prefill(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cmp: torch.Tensor,
-        v_cmp: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
-        cu_seqlens_cmp: torch.Tensor | None = None,
-    ) -> None:
-        """k: (T, Hkv, Dk), v: (T, Hkv, Dv), k_cmp: (Tc_total, Hkv, Dk), v_cmp: (Tc_total, Hkv, Dv)
-        packed by cu_seqlens / cu_seqlens_cmp (tensors, Packings, or None = one sequence) -> fills
-        an empty cache."""
-        if not self.is_empty:
-            raise ValueError(
-                f"prefill needs an empty cache, this one already holds {self.batch_size} sequence(s) "
-                f"with lengths {self.lengths()}; decode continues one token per sequence"
-            )
-        bounds = varlen.seq_bounds(cu_seqlens, k.shape[0])
-        cmp_bounds = varlen.seq_bounds(cu_seqlens_cmp, k_cmp.shape[0])
-        if len(bounds) != len(cmp_bounds):
-            raise ValueError(
-                f"cu_seqlens and cu_seqlens_cmp must describe the same sequences, got {len(bounds)} vs {len(cmp_bounds)}"
-            )
-        self.seqs = [
-            SequenceCache(k[a:b], v[a:b], k_cmp[ca:cb], v_cmp[ca:cb])
-            for (a, b), (ca, cb) in zip(bounds, cmp_bounds)
-        ]
-
-    @classmethod
-    def from_prefill(
-        cls, k: torch.Tensor, v: torch.Tensor, cfg: NSAConfig, cu_seqlens: torch.Tensor | None = None,
-        phi_k: Phi = mean_phi, phi_v: Phi = mean_phi,
-    ) -> "NSACache":
-        """k: (T, Hkv, Dk), v: (T, Hkv, Dv) -> a cache holding them and their compressed blocks."""
-        cache = cls()
-        cu_seqlens = Packing.of(cu_seqlens, k.shape[0])
-        cu_cmp = cu_seqlens.cmp_packing(cfg, device=k.device)
-        cache.prefill(
-            k, v, phi_k(gather_cmp_blocks(k, cfg, cu_seqlens)), phi_v(gather_cmp_blocks(v, cfg, cu_seqlens)),
-            cu_seqlens, cu_cmp,
-        )
-        return cache
-
-    def append(self, b: int, k_new: torch.Tensor, v_new: torch.Tensor, cfg: NSAConfig,
-               phi_k: Phi = mean_phi, phi_v: Phi = mean_phi) -> int:
-        """k_new: (Hkv, Dk), v_new: (Hkv, Dv) -> position t of the new token in sequence b.
-
-        Emits compressed block (t - l + 1) / d when it ends at t.
-        """
-        seq = self.seqs[b]
-        if seq.k is None:
-            # phi keeps the head dim, so the compressed shapes are known from the first token.
-            seq.k, seq.k_cmp = k_new.new_zeros((0, *k_new.shape)), k_new.new_zeros((0, *k_new.shape))
-            seq.v, seq.v_cmp = v_new.new_zeros((0, *v_new.shape)), v_new.new_zeros((0, *v_new.shape))
-        seq.k = torch.cat([seq.k, k_new[None]])
-        seq.v = torch.cat([seq.v, v_new[None]])
-        t = seq.num_tokens - 1
-        if masks.cmp_block_emitted_at(t, cfg):
-            start = t - cfg.block_len + 1
-            kc, vc = phi_k(seq.k[None, start:]), phi_v(seq.v[None, start:])
-            seq.k_cmp = torch.cat([seq.k_cmp, kc])
-            seq.v_cmp = torch.cat([seq.v_cmp, vc])
-        return t
-
-
-def _decode_one(q: torch.Tensor, seq: SequenceCache, t: int, cfg: NSAConfig, use_triton: bool = False):
-    """q: (1, Hq, Dk) at position t of a cached sequence -> (o_cmp, o_sel, o_win), each (1, Hq, Dv)."""
-    Dk = q.shape[-1]
-    Hkv = seq.k.shape[1]
-    scale = cfg.softmax_scale(Dk)
-    pos = torch.tensor([t], device=q.device)
-    k_pos = torch.arange(t + 1, device=q.device)
-    k_cmp, v_cmp = seq.k_cmp, seq.v_cmp
-    tc = k_cmp.shape[0]
-
-    o_cmp, _ = reference.attend(q, k_cmp, v_cmp, masks.cmp_visible_mask(pos, tc, cfg)[None], scale)
-
-    if use_triton:
-        from nsa_ref.triton_kernels.scoring import select_blocks_decode
-        from nsa_ref.triton_kernels.selected import sel_attention_decode
-
-        block_idx = select_blocks_decode(q, k_cmp, cfg, [t], [0], [tc])
-        zero = torch.zeros(1, dtype=torch.int64, device=q.device)
-        o_sel = sel_attention_decode(q, seq.k, seq.v, block_idx, cfg, pos, zero)
-    else:
-        with torch.no_grad():
-            p_cmp = selection.cmp_block_probs(q, k_cmp, pos, cfg)
-            scores = selection.block_scores(p_cmp, Hkv, masks.num_sel_blocks(t + 1, cfg), cfg)
-            block_idx = selection.top_blocks(scores, pos, cfg)
-        o_sel, _ = reference.attend(q, seq.k, seq.v, masks.sel_visible_mask(pos, k_pos, block_idx, cfg, cfg.num_sel_blocks(t + 1)), scale)
-
-    lo = max(0, t - cfg.window + 1)
-    o_win, _ = reference.attend(
-        q, seq.k[lo:], seq.v[lo:], masks.win_visible_mask(pos, k_pos[lo:], cfg)[None], scale
-    )
-    return o_cmp, o_sel, o_win
+#: backend names ``decode_step`` takes (the same names as prefill's ``backend=``).
+DECODE_BACKENDS = ("auto", "reference", "sdpa", "fa2", "triton")
 
 
 def decode_step(
@@ -178,56 +27,90 @@ def decode_step(
     k: torch.Tensor,
     v: torch.Tensor,
     gates: torch.Tensor,
-    cache: NSACache,
+    cache: NSAKVCache,
     cfg: NSAConfig,
-    phi_k: Phi = mean_phi,
-    phi_v: Phi = mean_phi,
     backend: str = "auto",
+    *,
+    validate: str = "values",
 ) -> torch.Tensor:
-    """q: (B, Hq, Dk), k: (B, Hkv, Dk), v: (B, Hkv, Dv), gates: (B, Hq, 3) -> (B, Hq, Dv).
+    """q: (B, Hq, Dk), k: (B, Hkv, Dk), v: (B, Hkv, Dv), gates: (B, Hq, 3) -> (B, Hq, Dv);
+    or n tokens per sequence: q (B, n, Hq, Dk), k (B, n, Hkv, Dk), v (B, n, Hkv, Dv),
+    gates (B, n, Hq, 3) -> (B, n, Hq, Dv).
 
-    Row b is the next token of cached sequence b: appended to the cache (emitting a compressed
-    block when one ends), then cmp / select / sel / win for that single query, gated as in
-    ``nsa_attention``. ``phi_k``/``phi_v`` must be the compressors prefill used. ``backend`` goes
-    to the router as for prefill's sel branch: a Triton route runs select and sel on the Triton
-    kernels, any other the reference math; an explicit backend that cannot run raises
-    (``router.TritonUnavailable``, ``router.FA2Unavailable``) before the cache changes.
+    Row b is the next token(s) of cached sequence b (at its own length S_b): appended to
+    ``cache`` (compressed blocks that end among them are emitted with the cache's phi), then
+    cmp / select / sel / win for those queries, gated (cmp, sel, win) as ``nsa_attention``.
+    The result equals prefill at positions S_b .. S_b + n - 1. Inference only (no autograd).
+
+    ============  ==================================================  ==============================
+    backend       runs                                                refuses (before any write)
+    ============  ==================================================  ==============================
+    "auto"        ``decode_step_fast(fa2="auto", select="auto")``:     none (falls back per branch)
+                  FA-2 kvcache where it can run, the Triton decode
+                  kernels where they can, torch otherwise; telemetry
+                  records each branch's path and reason
+    "reference"   ``decode_step_batched``: exact plain torch          none
+    "sdpa"        ``decode_step_fast(fa2=None, select="torch")``:      none
+                  the fast step's torch path (no FA-2, no Triton)
+    "fa2"         ``decode_step_fast(fa2="auto", select="torch")``     ``router.FA2Unavailable``: no
+                                                                      FA-2 kvcache kernel resolves
+                                                                      or q is not on CUDA
+    "triton"      ``decode_step_fast(fa2="auto", select="triton")``    ``router.TritonUnavailable``:
+                                                                      the Triton decode kernels
+                                                                      cannot run (CPU without
+                                                                      TRITON_INTERPRET=1)
+    ============  ==================================================  ==============================
+
+    With "fa2", a single FA-2 call outside the kvcache contract (e.g. fp32/fp64 inputs) still
+    runs on torch, with the reason in telemetry, as ``decode_step_fast`` does. Multi-token steps
+    (n > 1) run the reference whatever the backend (``decode_step_fast``'s rule).
+
+    ``validate``: "values" (gates checked in [0, 1]: one device read) or "shapes" (no device
+    read in the step), as in ``nsa_attention``. Every refusal (unknown backend: ValueError; a
+    cache that is not an ``NSAKVCache``: TypeError; an unavailable backend; bad inputs; a full
+    cache: ``KVCacheError``) is raised before the cache changes.
     """
-    # Every check runs before the cache is touched: a refused step leaves the cache as it was.
-    check_cfg(cfg)
-    check_heads(q, k, v)
-    check_gates(gates, q)
-    for b, seq in enumerate(cache.seqs):
-        if seq.k is not None and (seq.k.shape[1:] != k.shape[1:] or seq.v.shape[1:] != v.shape[1:]
-                                  or seq.k.dtype != k.dtype or seq.k.device != k.device):
-            raise ValueError(
-                f"decode_step: sequence {b} caches k {tuple(seq.k.shape[1:])} {seq.k.dtype} on {seq.k.device} "
-                f"and v {tuple(seq.v.shape[1:])}, got k {tuple(k.shape[1:])} {k.dtype} on {k.device}, "
-                f"v {tuple(v.shape[1:])}"
-            )
-    if cache.batch_size != q.shape[0]:
-        raise ValueError(
-            f"decode_step takes one token per cached sequence: got {q.shape[0]} token(s) for a cache "
-            f"of batch_size={cache.batch_size}; start with NSACache(batch_size=B) or prefill first"
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode_step: unknown backend {backend!r}; use one of {', '.join(DECODE_BACKENDS)}")
+    if not isinstance(cache, NSAKVCache):
+        raise TypeError(
+            f"decode_step: cache must be an nsa_ref.NSAKVCache, got {type(cache).__name__}; build one with "
+            "NSAKVCache.allocate(...) (or allocate_paged) or NSAAttention.allocate_cache(...)"
         )
-    if not (k.shape[0] == v.shape[0] == gates.shape[0] == q.shape[0]):
-        raise ValueError(
-            f"q, k, v, gates need one row per sequence, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}, {gates.shape[0]}"
+    if backend == "reference":
+        return decode_step_batched(q, k, v, gates, cache, cfg, validate=validate)
+    if backend == "sdpa":
+        return decode_step_fast(q, k, v, gates, cache, cfg, fa2=None, validate=validate, select="torch")
+    if backend == "auto":
+        return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="auto")
+    # An explicit fast backend: the inputs' shapes first (its checks need a well-formed q), then
+    # whether it can run at all; both before the step appends anything.
+    q4 = check_step_inputs(q, k, v, gates, cache, cfg, "shapes", who="decode_step")[0]
+    if backend == "fa2":
+        _require_fa2(q4)
+        return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="torch")
+    _require_triton(q4[:, -1], cache)
+    return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="triton")
+
+
+def _require_fa2(q: torch.Tensor) -> None:
+    """Raise ``router.FA2Unavailable`` unless an FA-2 kvcache kernel resolves and q is on CUDA."""
+    if q.device.type != "cuda":
+        raise router.FA2Unavailable(
+            f"backend='fa2' requested for decode but FA-2 needs CUDA tensors, q is on {q.device}; "
+            "use backend='auto' or 'sdpa' here"
         )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"Hq must be a multiple of Hkv (GQA), got Hq={q.shape[1]}, Hkv={k.shape[1]}")
-    if tuple(gates.shape[1:]) != (q.shape[1], 3):
-        raise ValueError(f"gates must be (B, Hq, 3) = {(q.shape[0], q.shape[1], 3)}, got {tuple(gates.shape)}")
-    # The same decision as prefill's sel branch (an explicit backend that cannot run raises
-    # FA2Unavailable / TritonUnavailable here, before the cache changes); decode has one-token
-    # steps for Triton only, every other path runs the exact math below.
-    use_triton = router.decide("sel", backend, q=q, k=k, v=v, cfg=cfg).path == "triton"
-    path = "triton" if use_triton else "reference"
-    for branch in ("select", "sel"):
-        telemetry.record(branch, path, "decode_step")
-    rows = []
-    for b in range(q.shape[0]):
-        t = cache.append(b, k[b], v[b], cfg, phi_k, phi_v)
-        o_cmp, o_sel, o_win = _decode_one(q[b : b + 1], cache.seqs[b], t, cfg, use_triton)
-        rows.append(combine_branches(gates[b : b + 1], o_cmp, o_sel, o_win))
-    return torch.cat(rows) if rows else q.new_zeros((0, q.shape[1], v.shape[-1]))
+    kernel, why = resolve_kvcache("auto")
+    if kernel is None:
+        raise router.FA2Unavailable(f"backend='fa2' requested for decode but FA-2's kvcache kernel cannot run: {why}")
+
+
+def _require_triton(q: torch.Tensor, cache: NSAKVCache) -> None:
+    """q: (B, Hq, Dk). Raise ``router.TritonUnavailable`` unless both Triton decode kernels
+    (selection over the compressed pages, sel over the raw pages) can take q and the cache."""
+    raw, cmp = cache.views()
+    for branch, store in (("select", cmp), ("sel", raw)):
+        try:
+            select_path("triton", q, store, branch)
+        except RuntimeError as e:
+            raise router.TritonUnavailable(f"backend='triton' requested for decode but it cannot run: {e}") from e

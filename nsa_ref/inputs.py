@@ -1,6 +1,6 @@
 """Input checks of the public NSA API: each raises ValueError quoting the offending values.
 
-Shared by ``nsa_ref.api`` (prefill) and ``nsa_ref.decode`` (one-token steps), so both refuse the
+Shared by ``nsa_ref.api`` (prefill) and the decode steps (``decode_batched.check_step_inputs``), so both refuse the
 same bad inputs with the same messages before any state changes. cu_seqlens is checked once, by
 building the call's ``Packing`` (``check_cu``); the later checks read that packing.
 

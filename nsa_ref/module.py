@@ -7,7 +7,8 @@ from torch import nn
 from nsa_ref import api
 from nsa_ref.compress import MLPCompressor, gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
-from nsa_ref.decode import NSACache, decode_step
+from nsa_ref.decode import decode_step
+from nsa_ref.kv_cache import NSAKVCache
 from nsa_ref.packing import Packing
 
 
@@ -61,31 +62,100 @@ class NSAAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(T, self.n_heads, 3)
         return q, k, v, gates
 
-    def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: NSACache | None = None
-    ) -> torch.Tensor:
-        """x: (T, d_model) packed by cu_seqlens -> (T, d_model).
+    # -- cache ------------------------------------------------------------------------------
+    def _cache_kwargs(self, dtype, device=None) -> dict:
+        """dtype / device default to the parameters'; phi is the module's compressors for "mlp"."""
+        weight = self.q_proj.weight
+        kw = dict(n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, cfg=self.cfg, v_head_dim=self.v_head_dim,
+                  dtype=weight.dtype if dtype is None else dtype)
+        if device is not None:
+            kw["device"] = device
+        if self.k_compressor is not None:
+            kw.update(phi_k=self.k_compressor, phi_v=self.v_compressor)
+        return kw
 
-        With an empty ``cache`` (``NSACache()``) this is a prefill that also fills the cache.
-        With a cache holding B sequences, x: (B, d_model) is one new token per sequence (decode;
-        cu_seqlens must be None) and the result equals prefill at those positions.
+    def allocate_cache(self, batch_size: int, capacity: int, *, dtype: torch.dtype | None = None,
+                       device=None) -> NSAKVCache:
+        """-> an empty preallocated ``NSAKVCache`` of ``batch_size`` sequences of up to ``capacity``
+        tokens each: raw pages (B, capacity, Hkv, D), compressed (B, Tc(capacity), Hkv, D), in
+        ``dtype`` on ``device`` (default: the module's parameters'), compressing with this
+        module's phi (its ``MLPCompressor``s when cfg.compress == "mlp", else the mean)."""
+        device = self.q_proj.weight.device if device is None else device
+        return NSAKVCache.allocate(batch_size, capacity, **self._cache_kwargs(dtype, device))
+
+    def allocate_paged_cache(self, block_table: torch.Tensor, num_pages: int, page_size: int, *,
+                             dtype: torch.dtype | None = None, **cmp_pages) -> NSAKVCache:
+        """-> an empty paged ``NSAKVCache``: raw pool (num_pages, page_size, Hkv, D) addressed by
+        ``block_table`` (B, max_pages) int32 (on the cache's device), as
+        ``NSAKVCache.allocate_paged`` (``cmp_pages``: its cmp_block_table / cmp_num_pages /
+        cmp_page_size), with this module's dtype (default) and phi."""
+        return NSAKVCache.allocate_paged(block_table, num_pages, page_size, **self._cache_kwargs(dtype),
+                                         **cmp_pages)
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, NSAKVCache):
+            raise TypeError(
+                f"cache must be an nsa_ref.NSAKVCache, got {type(cache).__name__}; build one with "
+                "module.allocate_cache(batch_size, capacity)"
+            )
+        if cache.cfg != self.cfg:
+            raise ValueError(
+                f"the cache was built for cfg {cache.cfg!r}, this module has {self.cfg!r}; build it with "
+                "module.allocate_cache(batch_size, capacity)"
+            )
+        if self.k_compressor is not None and (cache.phi_k is not self.k_compressor
+                                              or cache.phi_v is not self.v_compressor):
+            raise ValueError(
+                "cfg.compress='mlp': the cache's phi_k / phi_v are not this module's k_compressor / "
+                "v_compressor, so its compressed blocks would differ from prefill's; build the cache with "
+                "module.allocate_cache(batch_size, capacity) (or allocate_paged_cache)"
+            )
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, cache: NSAKVCache | None = None
+    ) -> torch.Tensor:
+        """x: (T, d_model) packed by cu_seqlens (B+1,) int32 -> (T, d_model).
+
+        ``cache`` (an ``NSAKVCache`` from ``allocate_cache``):
+
+        - every sequence holds 0 tokens -> prefill: the output of the call without a cache, and
+          k / v of every token go into the cache. cu_seqlens must describe ``cache.batch_size``
+          sequences (None only when batch_size == 1; ``arange(B + 1)`` starts B sequences with
+          one token each).
+        - the cache holds tokens -> decode: x (B, d_model) is one new token per sequence,
+          cu_seqlens must be None; ``decode_step(..., backend=self.backend)``, equal to prefill
+          at those positions. Inference only: run it under ``torch.no_grad()``.
         """
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must be (T, d_model={self.d_model}), got shape={tuple(x.shape)}")
-        q, k, v, gates = self._project(x)
-        if cache is not None and not cache.is_empty:
+        if cache is not None:
+            self._check_cache(cache)
+        if cache is not None and any(cache.lengths):
             if cu_seqlens is not None:
-                raise ValueError("decode takes one token per cached sequence: pass cu_seqlens=None")
-            phi_k, phi_v = self._phis()
-            out = decode_step(q, k, v, gates, cache, self.cfg, phi_k, phi_v, backend=self.backend)
+                raise ValueError(
+                    f"decode takes one token per cached sequence (x: (B={cache.batch_size}, d_model)): pass "
+                    "cu_seqlens=None"
+                )
+            q, k, v, gates = self._project(x)
+            out = decode_step(q, k, v, gates, cache, self.cfg, backend=self.backend)
             return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
+        if cache is not None and cu_seqlens is None and cache.batch_size != 1:
+            raise ValueError(
+                f"prefill into an empty cache of batch_size={cache.batch_size} needs cu_seqlens with "
+                f"{cache.batch_size + 1} offsets (e.g. torch.arange({cache.batch_size} + 1, dtype=torch.int32) "
+                f"to start {cache.batch_size} sequences with one token each); cu_seqlens=None is one sequence"
+            )
         # One packing for every call below: cu_seqlens is read (and validated) once.
         cu_seqlens = Packing.of(cu_seqlens, x.shape[0], device=x.device)
+        if cache is not None and cu_seqlens.num_seqs != cache.batch_size:
+            raise ValueError(
+                f"prefill: cu_seqlens describes {cu_seqlens.num_seqs} sequence(s), the cache holds "
+                f"batch_size={cache.batch_size}; allocate the cache for that many or pass one offset per sequence"
+            )
+        q, k, v, gates = self._project(x)
         if self.k_compressor is None:
             out = api.nsa_attention(q, k, v, gates, self.cfg, cu_seqlens, backend=self.backend)
-            if cache is not None:
-                cache.prefill(k, v, *self._compressed(k, v, cu_seqlens), cu_seqlens,
-                              cu_seqlens.cmp_packing(self.cfg, device=x.device))
         else:
             k_cmp, v_cmp = self._compressed(k, v, cu_seqlens)
             o_cmp, lse = api.cmp_attention(q, k_cmp, v_cmp, self.cfg, cu_seqlens, backend=self.backend,
@@ -94,8 +164,8 @@ class NSAAttention(nn.Module):
             o_sel = api.sel_attention(q, k, v, block_idx, self.cfg, cu_seqlens, backend=self.backend)
             o_win = api.win_attention(q, k, v, self.cfg, cu_seqlens, backend=self.backend)
             out = api.combine_branches(gates, o_cmp, o_sel, o_win)
-            if cache is not None:
-                cache.prefill(k, v, k_cmp, v_cmp, cu_seqlens, cu_seqlens.cmp_packing(self.cfg, device=x.device))
+        if cache is not None:
+            cache.prefill(k, v, cu_seqlens)
         return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
 
     def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nsa_ref import NSACache, NSAConfig, compress, decode_step, nsa_attention, select_blocks
+from nsa_ref import NSAConfig, NSAKVCache, compress, decode_step, nsa_attention, select_blocks
 
 CFG = NSAConfig(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=8)
 
@@ -13,6 +13,10 @@ def _step_inputs(B=2, hq=4, hkv=2, d=8, dtype=torch.float64):
             torch.randn(B, hkv, d, generator=g, dtype=dtype), torch.rand(B, hq, 3, generator=g, dtype=dtype))
 
 
+def _cache():
+    return NSAKVCache.allocate(2, 8, 2, 8, CFG, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda q, k, v, g: (q, k, v, g * 5), r"gates must lie in \[0, 1\]"),
     (lambda q, k, v, g: (q, k, v, g.clone().fill_(float("nan"))), r"gates must lie in \[0, 1\]"),
@@ -21,24 +25,24 @@ def _step_inputs(B=2, hq=4, hkv=2, d=8, dtype=torch.float64):
     (lambda q, k, v, g: (q, k[..., :4], v, g), "head dim Dk"),
 ])
 def test_decode_step_refuses_bad_inputs_without_touching_the_cache(mutate, match):
-    cache = NSACache(batch_size=2)
+    cache = _cache()
     decode_step(*_step_inputs(), cache, CFG)
     with pytest.raises(ValueError, match=match):
         decode_step(*mutate(*_step_inputs()), cache, CFG)
-    assert cache.lengths() == [1, 1]
+    assert cache.lengths == [1, 1]
 
 
 def test_decode_step_refuses_a_dtype_change_before_appending():
-    cache = NSACache(batch_size=2)
+    cache = _cache()
     decode_step(*_step_inputs(), cache, CFG)
-    with pytest.raises(ValueError, match="caches k"):
+    with pytest.raises(ValueError, match="the cache holds torch.float64, got k torch.float32"):
         decode_step(*_step_inputs(dtype=torch.float32), cache, CFG)
-    assert cache.lengths() == [1, 1]
+    assert cache.lengths == [1, 1]
 
 
 def test_decode_step_refuses_a_dict_config():
     with pytest.raises(ValueError, match="NSAConfig"):
-        decode_step(*_step_inputs(), NSACache(batch_size=2), {})
+        decode_step(*_step_inputs(), _cache(), {})
 
 
 def test_api_refuses_zero_head_dim_integer_keys_and_off_device_gates():

@@ -251,7 +251,7 @@ def test_reset_slot_starts_a_new_sequence_while_the_other_continues():
 
 def test_timing_script_runs_and_both_decoders_agree(capsys):
     """conformance/tools/device/decode_step_timing.py on tiny shapes: one table row per context, the
-    old and the batched decoder agreeing to fp32 rounding."""
+    reference (decode_step_batched) and the fast step agreeing to fp32 rounding."""
     import importlib.util
     from pathlib import Path
 

@@ -145,15 +145,15 @@ def test_backward_only_rules_are_checked_when_training(gpu_like):
 def test_decode_asks_the_router_as_prefill_does():
     """backend='fa2' on CPU: prefill's sel branch raises FA2Unavailable, and so does decode_step,
     before the cache changes (it used to run the reference math silently)."""
-    from nsa_ref import NSACache, decode_step, nsa_attention
+    from nsa_ref import NSAKVCache, decode_step, nsa_attention
 
     cfg = NSAConfig(block_len=8, block_stride=4, sel_block=8, n_sel=3, n_init=1, n_local=1, window=6)
     q, k, v = _qkv(T=2, hq=4, hkv=2, d=8, dtype=torch.float32)
     gates = torch.rand(2, 4, 3)
     with pytest.raises(router.FA2Unavailable, match="FA-2 needs CUDA"):
         nsa_attention(q, k, v, gates, cfg, backend="fa2")
-    cache = NSACache(batch_size=2)
+    cache = NSAKVCache.allocate(2, 4, 2, 8, cfg)
     with pytest.raises(router.FA2Unavailable, match="FA-2 needs CUDA"):
         decode_step(q, k, v, gates, cache, cfg, backend="fa2")
-    assert cache.lengths() == [0, 0]
+    assert cache.lengths == [0, 0]
     assert decode_step(q, k, v, gates, cache, cfg, backend="sdpa").shape == (2, 4, 8)

@@ -1,14 +1,14 @@
-"""Time one NSA decode step: ``nsa_ref.decode_step`` (per-sequence NSACache) vs.
-``nsa_ref.decode_batched.decode_step_batched`` (NSAKVCache, batched over B), and check their parity.
+"""Time one NSA decode step: ``decode_step_batched`` (the plain-torch reference) vs.
+``decode_step_fast`` (the fast step; on the CPU its torch path), both over NSAKVCache, and check their parity.
 
     python conformance/tools/device/decode_step_timing.py                      # CPU, small heads
     python conformance/tools/device/decode_step_timing.py --contexts 1024 4096 --batch 4 --device cpu
 
 For each context length T: both caches are prefilled with T tokens per sequence, then ``--steps``
 decode steps are timed (median ms per step, the step that appends one token to every sequence).
-It also reports max|batched - old| on the timed steps (same inputs, same dtype). This is the CPU
-reference of the batched step; the GPU benchmark of the FA-2 / Triton path is still to do
-(Documentation/Architecture/Decode.md).
+It also reports max|fast - reference| on the timed steps (same inputs, same dtype). The GPU
+benchmark of the FA-2 / Triton path is ``decode_bench.py`` (Documentation/Architecture/Decode.md).
+(Until the per-sequence ``NSACache`` was removed, this compared that old step with the reference.)
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from nsa_ref import NSACache, NSAConfig, decode_step
+from nsa_ref import NSAConfig
 from nsa_ref.decode_batched import decode_step_batched
+from nsa_ref.decode_fast import decode_step_fast
 from nsa_ref.kv_cache import NSAKVCache
 
 
@@ -40,26 +41,27 @@ def time_context(T: int, args, cfg: NSAConfig, device: torch.device, dtype: torc
     gates = torch.rand(B, total, hq, 3, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
     pk, pv = k[:, :T].reshape(B * T, hkv, dk), v[:, :T].reshape(B * T, hkv, dv)
-    old = NSACache.from_prefill(pk, pv, cfg, cu)
-    new = NSAKVCache.allocate(B, total, hkv, dk, cfg, v_head_dim=dv, dtype=dtype, device=device)
-    new.prefill(pk, pv, cu)
-    times = {"old": [], "batched": []}
+    caches = {}
+    for name in ("reference", "fast"):
+        caches[name] = NSAKVCache.allocate(B, total, hkv, dk, cfg, v_head_dim=dv, dtype=dtype, device=device)
+        caches[name].prefill(pk, pv, cu)
+    times = {"reference": [], "fast": []}
     worst = 0.0
     with torch.no_grad():
         for t in range(T, T + steps):
             args_t = (q[:, t], k[:, t], v[:, t], gates[:, t])
             _sync(device)
             start = time.perf_counter()
-            a = decode_step(*args_t, old, cfg, backend="reference")
+            a = decode_step_batched(*args_t, caches["reference"], cfg)
             _sync(device)
-            times["old"].append(time.perf_counter() - start)
+            times["reference"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            b = decode_step_batched(*args_t, new, cfg)
+            b = decode_step_fast(*args_t, caches["fast"], cfg)
             _sync(device)
-            times["batched"].append(time.perf_counter() - start)
+            times["fast"].append(time.perf_counter() - start)
             worst = max(worst, (a.double() - b.double()).abs().max().item())
     med = {key: 1e3 * statistics.median(val[1:] or val) for key, val in times.items()}
-    return {"context": T, "old_ms": med["old"], "batched_ms": med["batched"], "max_abs_diff": worst}
+    return {"context": T, "reference_ms": med["reference"], "fast_ms": med["fast"], "max_abs_diff": worst}
 
 
 def main(argv=None) -> None:
@@ -81,12 +83,12 @@ def main(argv=None) -> None:
     cfg = NSAConfig()
     print(f"# {device} {args.dtype} torch {torch.__version__} threads {torch.get_num_threads()}; paper config; "
           f"B={args.batch} Hq={args.hq} Hkv={args.hkv} Dk={args.dk} Dv={args.dv}; median of {args.steps} steps")
-    print("| context | decode_step ms | decode_step_batched ms | speed-up | max abs diff |")
+    print("| context | decode_step_batched ms | decode_step_fast ms | speed-up | max abs diff |")
     print("|---:|---:|---:|---:|---:|")
     for T in args.contexts:
         r = time_context(T, args, cfg, device, dtype)
-        print(f"| {r['context']} | {r['old_ms']:.2f} | {r['batched_ms']:.2f} | "
-              f"{r['old_ms'] / r['batched_ms']:.1f}x | {r['max_abs_diff']:.1e} |", flush=True)
+        print(f"| {r['context']} | {r['reference_ms']:.2f} | {r['fast_ms']:.2f} | "
+              f"{r['reference_ms'] / r['fast_ms']:.1f}x | {r['max_abs_diff']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -329,7 +329,8 @@ def sel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Ten
 SELECT_MODES = ("auto", "triton", "torch")
 
 
-_TRITON_DECODE = {"select": "decode_select", "sel": "decode_sel"}
+_TRITON_DECODE = {"select": "decode_select", "sel": "decode_sel", "win": "decode_sel"}
+_TRITON_FN = {"select": "decode_select", "sel": "decode_sel", "win": "decode_win"}
 _triton_verdicts: dict[tuple, str | None] = {}
 
 
@@ -337,7 +338,8 @@ def select_path(select: str, q: torch.Tensor, store: PagedView, branch: str = "s
     """select: "auto" (Triton where it can run), "triton" (Triton or RuntimeError), "torch" ->
     (run the Triton decode kernel of ``branch``?, telemetry reason). branch "select": the block
     selection (``triton_kernels.decode_select``, store = the compressed view); "sel": sel attention
-    over the paged raw cache (``triton_kernels.decode_sel``, store = the raw view)."""
+    over the paged raw cache (``triton_kernels.decode_sel``, store = the raw view); "win": the
+    window over the same (``decode_sel.decode_win``)."""
     if select not in SELECT_MODES:
         raise ValueError(f"select={select!r}: one of {SELECT_MODES}")
     if select == "torch":
@@ -353,9 +355,9 @@ def select_path(select: str, q: torch.Tensor, store: PagedView, branch: str = "s
         why = _triton_refusal(branch, q, store, unavailable_reason)
         _triton_verdicts[key] = why
     if why is None:
-        return True, f"triton {_TRITON_DECODE[branch]}"
+        return True, f"triton {_TRITON_FN[branch]}"
     if select == "triton":
-        raise RuntimeError(f"select='triton': the Triton decode kernel {_TRITON_DECODE[branch]} cannot run here: {why}")
+        raise RuntimeError(f"{branch}='triton': the Triton decode kernel {_TRITON_FN[branch]} cannot run here: {why}")
     return False, why
 
 
@@ -374,15 +376,49 @@ def _triton_refusal(branch: str, q: torch.Tensor, store: PagedView, unavailable_
     return why
 
 
+WIN_MODES = ("auto", "triton", "fa2", "torch")
+
+
+def win_branch_fast(q: torch.Tensor, q1: torch.Tensor, t: torch.Tensor, raw: PagedView, cfg: NSAConfig,
+                    kernel: KVCacheKernel | None, why: str, win: str = "auto") -> tuple[torch.Tensor, str, str]:
+    """The window branch -> (o_win (B, Hq, Dv), path, telemetry reason). ``win``: "auto" (Triton
+    ``decode_win`` where it runs, else FA-2 kvcache where usable, else torch), "triton" (or
+    RuntimeError), "fa2" (FA-2 where usable, else torch), "torch".
+
+    Why Triton first: FA-2's kvcache kernel packs the G query heads of a KV head into one tile
+    only without a window (flash_api.cpp: ``seqlenq_ngroups_swapped`` needs window_size_left < 0);
+    with the window each query head gets its own 64/128-row tile holding one query, and the H200
+    profile shows the win call as the step's largest kernel (Decode.md)."""
+    if win not in WIN_MODES:
+        raise ValueError(f"win={win!r}: one of {WIN_MODES}")
+    if win in ("auto", "triton"):
+        run, reason = select_path(win, q, raw, "win")
+        if run:
+            from nsa_ref.triton_kernels.decode_sel import decode_win
+
+            return decode_win(q, raw, raw.cache_seqlens, cfg), "triton", reason
+        why_not_triton = reason
+    else:
+        why_not_triton = f"win={win!r}"
+    if win != "torch":
+        call = win_call(q1, raw, cfg)
+        run, reason = _usable(kernel, why, call)
+        if run:
+            return kernel.fn(**call)[:, 0], "fa2", reason
+        why_not_triton = f"{why_not_triton}; {reason}"
+    return win_torch(q, t, raw, cfg), "torch", why_not_triton
+
+
 # -- the step -------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, cfg: NSAConfig, *,
-                       fa2: Any = "auto", select: str = "auto") -> torch.Tensor:
+                       fa2: Any = "auto", select: str = "auto", win: str = "auto") -> torch.Tensor:
     """q (B, Hq, Dk), gates (B, Hq, 3) -> (B, Hq, Dv): NSA for the last token of every sequence of
     ``cache`` (position cache_seqlens - 1; append first). Inputs are assumed checked
     (``decode_step_fast`` does it). Static shapes, no host read: capturable in a CUDA graph once
-    the FA-2 verdicts are memoised (run it eagerly once first). ``select``: see ``select_path``."""
+    the FA-2 verdicts are memoised (run it eagerly once first). ``select``: see ``select_path``;
+    ``win``: see ``win_path``."""
     raw, cmp = cache.views()
     B, Hq, Dk = q.shape
     Hkv = raw.k_pages.shape[2]
@@ -390,13 +426,8 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     kernel, why = resolve_kvcache(fa2)
     q1 = q[:, None]  # (B, 1, Hq, Dk): FA-2's layout
 
-    call = win_call(q1, raw, cfg)
-    run, win_reason = _usable(kernel, why, call)
-    if run:
-        o_win = kernel.fn(**call)[:, 0]
-    else:
-        o_win = win_torch(q, t, raw, cfg)
-    telemetry.record("win", "fa2" if run else "torch", win_reason)
+    o_win, path, win_reason = win_branch_fast(q, q1, t, raw, cfg, kernel, why, win)
+    telemetry.record("win", path, win_reason)
 
     width = cmp_width(raw, cmp, cfg)
     call = dict(cmp_call(q1, cmp, cfg), return_softmax_lse=True)
@@ -444,19 +475,20 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
 def decode_step_fast(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor,
     cache: NSAKVCache, cfg: NSAConfig, *, fa2: Any = "auto", validate: str = "values", select: str = "auto",
+    win: str = "auto",
 ) -> torch.Tensor:
     """``decode_step_batched``'s step and result, fast: q (B, Hq, Dk), k_new (B, Hkv, Dk), v_new
     (B, Hkv, Dv), gates (B, Hq, 3) -> (B, Hq, Dv) (or with an n axis; n > 1 runs the reference).
 
     The same checks and errors as ``decode_step_batched`` (``check_step_inputs``), raised before
     the cache changes; then the append, then ``decode_attend_fast``. ``fa2``: see
-    ``resolve_kvcache``; ``select``: see ``select_path``. ``validate="shapes"`` reads nothing from the device in the whole step
+    ``resolve_kvcache``; ``select``: see ``select_path``; ``win``: see ``win_branch_fast``. ``validate="shapes"`` reads nothing from the device in the whole step
     ("values" reads the gates once)."""
     q4, k4, v4, g4, single = check_step_inputs(q, k_new, v_new, gates, cache, cfg, validate, who=WHO)
     if q4.shape[1] != 1:
         return decode_step_batched(q, k_new, v_new, gates, cache, cfg, validate="shapes")
     cache.append(k4, v4)  # the cache's own checks first; raises before writing
-    out = decode_attend_fast(q4[:, 0], g4[:, 0], cache, cfg, fa2=fa2, select=select)
+    out = decode_attend_fast(q4[:, 0], g4[:, 0], cache, cfg, fa2=fa2, select=select, win=win)
     return out if single else out[:, None]
 
 
@@ -522,20 +554,20 @@ class CapturedDecodeStep:
     (replayed on CUDA; eagerly elsewhere, the same code) and returns the static output (overwritten
     by the next call: copy it to keep it). Gates are not range-checked. Building it on CUDA runs
     one warm-up step on a side stream (memos, kernels), rolls that token back (``truncate``) and
-    captures; ``graph=False`` runs the same code eagerly (CPU, tests). ``fa2`` and ``select`` as in
-    ``decode_step_fast``. Tables must not change while it is in use (``set_block_table`` copies
+    captures; ``graph=False`` runs the same code eagerly (CPU, tests). ``fa2``, ``select`` and ``win``
+    as in ``decode_step_fast``. Tables must not change while it is in use (``set_block_table`` copies
     in place, so a table change keeps the addresses, but the FA-2 verdict was taken for the old
     layout)."""
 
     def __init__(self, cache: NSAKVCache, cfg: NSAConfig, q: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor, gates: torch.Tensor, *, fa2: Any = "auto", select: str = "auto",
-                 graph: bool | None = None):
+                 win: str = "auto", graph: bool | None = None):
         q4, k4, v4, g4, _ = check_step_inputs(q, k_new, v_new, gates, cache, cfg, "shapes", who="CapturedDecodeStep")
         if q4.shape[1] != 1:
             raise ValueError(f"CapturedDecodeStep: one token per sequence, got n={q4.shape[1]}")
         cache.check_append(k4, v4)
         check_static_append(cache)
-        self.cache, self.cfg, self.fa2, self.select = cache, cfg, fa2, select
+        self.cache, self.cfg, self.fa2, self.select, self.win = cache, cfg, fa2, select, win
         self.q, self.k, self.v, self.g = (x[:, 0].clone() for x in (q4, k4, v4, g4))
         self.graph, self.out = None, None
         if q.is_cuda if graph is None else graph:
@@ -554,7 +586,7 @@ class CapturedDecodeStep:
     @torch.no_grad()
     def _run(self) -> torch.Tensor:
         append_static(self.cache, self.k, self.v)
-        return decode_attend_fast(self.q, self.g, self.cache, self.cfg, fa2=self.fa2, select=self.select)
+        return decode_attend_fast(self.q, self.g, self.cache, self.cfg, fa2=self.fa2, select=self.select, win=self.win)
 
     def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         for name, x, buf in (("q", q, self.q), ("k_new", k_new, self.k), ("v_new", v_new, self.v), ("gates", gates, self.g)):

@@ -1,6 +1,7 @@
-"""NSA decode sel attention in one Triton launch, straight from the paged raw cache: no gather.
+"""NSA decode sel and win attention, one Triton launch each, straight from the paged raw cache: no gather.
 
     decode_sel(q, raw, seqlens, block_idx, cfg) -> o_sel (B, Hq, Dv) in q's dtype
+    decode_win(q, raw, seqlens, cfg)            -> o_win (B, Hq, Dv): the same kernel over the window
 
 One program per (sequence b, KV head h), grid (B, Hkv) (on a GPU where B * Hkv leaves SMs idle:
 (B, Hkv, splits) over the n_sel entries and a merge launch, ``split_count``): its G query heads are the rows of one
@@ -37,10 +38,12 @@ TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None}
 def _decode_sel_kernel(
     Q, KP_, VP_, BT, SEQ, IDX, OUT, PART_M, PART_L, PART_ACC,
     sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt_b, si_b, si_h, so_b, so_h,
-    G, Dk, Dv, P, scale, n_sel, SEL_BLOCK, per_split,
+    G, Dk, Dv, P, scale, n_sel, SEL_BLOCK, per_split, win_back,
     GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, SPLITS: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, WINDOW: tl.constexpr,
 ):
+    """sel (WINDOW False): the n_sel blocks listed in IDX. win (WINDOW True): the n_sel tiles of
+    SEL_BLOCK tokens from the one holding lo = max(t - win_back, 0), tokens s in [lo, t]."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -57,14 +60,20 @@ def _decode_sel_kernel(
     acc = tl.zeros([GP, BDV], ACC)
     u = tl.arange(0, BL)
     idx_row = IDX + b.to(tl.int64) * si_b + kvh * si_h
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(t - win_back, 0)
     r_lo = split * per_split
     r_hi = n_sel
     if SPLITS > 1:
         r_hi = tl.minimum(n_sel, r_lo + per_split)
     for r in range(r_lo, r_hi):
-        j = tl.load(idx_row + r)
+        if WINDOW:
+            j = lo // SEL_BLOCK + r
+        else:
+            j = tl.load(idx_row + r)
         s_tok = j * SEL_BLOCK + u
-        ok = (u < SEL_BLOCK) & (s_tok >= 0) & (s_tok <= t)  # j = -1: every s_tok < 0
+        ok = (u < SEL_BLOCK) & (s_tok >= lo) & (s_tok <= t)  # j = -1: every s_tok < 0
         ssafe = tl.where(ok, s_tok, 0)
         page = tl.load(BT + b.to(tl.int64) * sbt_b + ssafe // P, mask=ok, other=0).to(tl.int64)
         off = (ssafe % P).to(tl.int64)
@@ -146,6 +155,30 @@ def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_i
     """q (B, Hq, Dk), raw: the raw store (``NSAKVCache.views()[0]``), seqlens (B,) int32 (the query
     sits at seqlens - 1), block_idx (B, Hkv, n_sel) int32 (``selection.top_blocks``'s layout)
     -> o_sel (B, Hq, Dv) in q's dtype. One launch, grid (B, Hkv), no host read."""
+    idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
+    return _launch(q, raw, seqlens, cfg.softmax_scale(q.shape[-1]), idx, idx.shape[-1], cfg.sel_block, -1)
+
+
+#: Tokens per tile of ``decode_win``.
+WIN_TILE = 64
+
+
+@torch.no_grad()
+def decode_win(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, cfg: "NSAConfig") -> torch.Tensor:
+    """The sliding-window branch: q (B, Hq, Dk) at t = seqlens - 1 sees tokens s in
+    [max(t - w + 1, 0), t] (``masks.win_visible``) -> o_win (B, Hq, Dv) in q's dtype. The same kernel
+    as ``decode_sel``, walking the ``WIN_TILE``-token tiles that hold the window instead of listed
+    blocks: one launch, grid (B, Hkv[, splits]), the G query heads of a KV head in one program
+    (FA-2's kvcache kernel gives each query head its own 64/128-row tile once a window is set)."""
+    width = min(cfg.window, raw.capacity)
+    tiles = min(-(-max(width - 1, 0) // WIN_TILE) + 1, -(-raw.capacity // WIN_TILE))
+    return _launch(q, raw, seqlens, cfg.softmax_scale(q.shape[-1]), None, tiles, WIN_TILE, cfg.window - 1)
+
+
+def _launch(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, scale: float, idx: torch.Tensor | None,
+            n_sel: int, block: int, win_back: int) -> torch.Tensor:
+    """One ``_decode_sel_kernel`` launch (+ merge): the listed blocks (idx) or, with idx None, the
+    window of win_back + 1 tokens ending at t walked in n_sel tiles of ``block`` tokens."""
     B, Hq, Dk = q.shape
     Hkv, Dv = raw.k_pages.shape[2], raw.v_pages.shape[3]
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
@@ -157,8 +190,9 @@ def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_i
     table = raw.block_table
     if table.shape[1] == 0:  # zero capacity: nothing visible (every block index -1)
         table = torch.zeros(B, 1, dtype=torch.int32, device=q.device)
-    idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
-    n_sel = idx.shape[-1]
+    window = idx is None
+    if window:
+        idx = table  # never read
     GP, BDV = next_pow2(Hq // Hkv, 16), next_pow2(Dv, 16)
     splits = split_count(B, Hkv, n_sel, q.device)
     per_split = -(-n_sel // splits)
@@ -172,10 +206,10 @@ def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_i
     _decode_sel_kernel[(B, Hkv, splits)](
         q, kp, vp, table, seqlens, idx, out, pm, pl, pacc,
         q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2),
-        table.stride(0), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1),
-        Hq // Hkv, Dk, Dv, kp.shape[1], cfg.softmax_scale(Dk), n_sel, cfg.sel_block, per_split,
-        GP=GP, BD=next_pow2(Dk, 16), BDV=BDV, BL=next_pow2(cfg.sel_block, 16), SPLITS=splits,
-        PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
+        table.stride(0), idx.stride(0), idx.stride(1) if idx.dim() > 2 else 0, out.stride(0), out.stride(1),
+        Hq // Hkv, Dk, Dv, kp.shape[1], scale, n_sel, block, per_split, win_back,
+        GP=GP, BD=next_pow2(Dk, 16), BDV=BDV, BL=next_pow2(block, 16), SPLITS=splits,
+        PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype), WINDOW=window,
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
     if splits > 1:
@@ -184,4 +218,4 @@ def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_i
     return out
 
 
-__all__ = ["decode_sel", "refusal"]
+__all__ = ["decode_sel", "decode_win", "refusal"]

@@ -188,7 +188,9 @@ def test_contract_refusal_falls_back_and_is_memoised(monkeypatch):
                          cache, SMALL, fa2=kernel)
     assert len(calls) == 3, "one verdict per call geometry (win, cmp, sel), not per step"
     paths = _paths()
-    assert paths["win"] == {("torch", "contract: FA2-PAGED-BLOCK-SIZE")}, paths
+    # win="auto": Triton first (refused here: no CUDA, no interpreter), then FA-2 (refused by the contract)
+    ((path, reason),) = paths["win"]
+    assert path == "torch" and reason.endswith("; contract: FA2-PAGED-BLOCK-SIZE"), paths
     assert paths["cmp"] == paths["sel"] == {("fa2", "strict-emulated flash_attn_with_kvcache")}, paths
 
 
@@ -499,13 +501,30 @@ def test_gpu_fast_equals_reference(fa2):
         want = decode_step_batched(*args, ref, PAPER)
         _bf16_close(got, want, f"step {step}")
     paths = _paths()
-    if fa2 is None:
-        assert paths["win"] == {("torch", "fa2=None")}, paths
-    elif importlib.util.find_spec("flash_attn") is not None:
-        assert paths["win"] == paths["cmp"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
+    # win="auto": the Triton window kernel on an sm80+ GPU (FA-2's windowed kvcache call: win="fa2")
+    assert paths["win"] == {("triton", "triton decode_win")}, paths
+    if importlib.util.find_spec("flash_attn") is not None and fa2 is not None:
+        assert paths["cmp"] == {("fa2", "flash_attn flash_attn_with_kvcache")}, paths
     # select="auto": the Triton decode kernels take the selection and sel on an sm80+ GPU
     assert paths["select"] == {("triton", "triton decode_select")}, paths
     assert paths["sel"] == {("triton", "triton decode_sel")}, paths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("win", ["fa2", "torch"])
+def test_gpu_window_paths_equal_reference(win):
+    """The window through FA-2's windowed kvcache call (win="fa2", where flash_attn is importable)
+    or the torch gather (win="torch") instead of the Triton kernel: the step still equals the
+    reference, and telemetry names the path taken."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    telemetry.reset()
+    (fast, ref), inputs = _gpu_case(seed=3)
+    for step in range(6):
+        args = inputs(step)
+        _bf16_close(decode_step_fast(*args, fast, PAPER, win=win), decode_step_batched(*args, ref, PAPER), f"step {step}")
+    want = "fa2" if win == "fa2" and importlib.util.find_spec("flash_attn") is not None else "torch"
+    assert {p for p, _ in _paths()["win"]} == {want}, _paths()
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_triton_decode_select import ODD, PAPER8, TINY, _cache, _torch_select
 
+from nsa_ref.config import NSAConfig
 from nsa_ref.decode_fast import attend_fixed, sel_gather
 
 pytestmark = pytest.mark.usefixtures("interpret_env")
@@ -98,3 +99,49 @@ def test_sel_split_launch_matches_torch(dsel, kdev, monkeypatch, programs):
     cache = _cache([70, 1000], 2, 16, PAPER8, ("paged", 64), 1024, torch.float64, kdev, seed=programs)
     assert dsel.split_count(2, 2, PAPER8.n_sel, torch.device(kdev)) == {8: 2, 64: 4}[programs]
     _check(dsel, cache, PAPER8, 8, torch.float64, kdev, f"split programs={programs}")
+
+
+# -- the window (decode_win: the same kernel over the tiles holding [t - w + 1, t]) ----------------
+
+def _torch_win(q, cache, cfg):
+    from nsa_ref.decode_fast import win_torch
+
+    raw = cache.views()[0]
+    return win_torch(q, cache.cache_seqlens.long() - 1, raw, cfg)
+
+
+WIN_CFGS = [pytest.param(TINY, id="w8"), pytest.param(ODD, id="w11"),
+            pytest.param(NSAConfig(window=100), id="w100")]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cfg", WIN_CFGS)
+def test_win_matches_torch_on_ragged_batch(dsel, kdev, cfg, layout):
+    """Lengths 1, below / at / past w, across tile (64) and page boundaries, and an empty sequence
+    (nothing visible: zeros): decode_win equals decode_fast's torch window to fp64 rounding."""
+    w = cfg.window
+    lengths = [1, w - 1, w, w + 1, 63, 64, 65, 150, 0]
+    cache = _cache(lengths, 2, 8, cfg, layout, 160, torch.float64, kdev)
+    g = torch.Generator().manual_seed(w)
+    q = torch.randn(len(lengths), 8, 8, generator=g, dtype=torch.float64).to(kdev)
+    raw = cache.views()[0]
+    got = dsel.decode_win(q, raw, raw.cache_seqlens, cfg)
+    want = _torch_win(q, cache, cfg)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-12, f"max|triton - torch| = {err:.3g}"
+    assert got[-1].eq(0).all() and got[:-1].ne(0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("programs", [8, 64])
+def test_win_split_launch_and_gqa(dsel, kdev, monkeypatch, programs):
+    """The split launch over the window's tiles (w = 300: 6 tiles, 2 or 4 splits, a split past t
+    for the short sequence), G = 16, fp32 within 1e-5."""
+    monkeypatch.setitem(dsel.TUNING, "split_programs", programs)
+    cfg = NSAConfig(window=300)
+    cache = _cache([5, 299, 700], 2, 16, cfg, ("paged", 64), 768, torch.float32, kdev, seed=programs)
+    g = torch.Generator().manual_seed(programs)
+    q = torch.randn(3, 32, 16, generator=g).to(kdev)
+    raw = cache.views()[0]
+    got = dsel.decode_win(q, raw, raw.cache_seqlens, cfg)
+    err = (got - _torch_win(q, cache, cfg)).abs().max().item()
+    assert err <= 1e-5, f"split programs={programs}: max|triton - torch| = {err:.3g}"

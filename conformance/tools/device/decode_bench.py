@@ -165,9 +165,10 @@ def graph_of(fn):
 class CapturedAttend:
     """decode_attend_fast alone (no append) in a CUDA graph: the branches' share of the step."""
 
-    def __init__(self, cache, cfg, q, gates, fa2, select="auto"):
+    def __init__(self, cache, cfg, q, gates, fa2, select="auto", win="auto"):
         self.q, self.g = q.clone(), gates.clone()
-        self.graph, self.out = graph_of(lambda: decode_attend_fast(self.q, self.g, cache, cfg, fa2=fa2, select=select))
+        self.graph, self.out = graph_of(lambda: decode_attend_fast(self.q, self.g, cache, cfg, fa2=fa2, select=select,
+                                                                        win=win))
 
 
 def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype: torch.dtype) -> dict:
@@ -193,14 +194,14 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
     qs, ks, vs = rand(n_in, B, hq, d), rand(n_in, B, hkv, d), rand(n_in, B, hkv, d)
     gs = torch.rand(n_in, B, hq, 3, device=device, generator=gen).to(dtype)
     fa2 = None if args.fa2 == "none" else "auto"
-    select = getattr(args, "select", "auto")
+    select, win = getattr(args, "select", "auto"), getattr(args, "win", "auto")
     cache = NSAKVCache.allocate(B, capacity, hkv, d, cfg, dtype=dtype, device=device)
     fill_cache(cache, T, gen)
 
     # correctness on the first step: fast vs the reference branches on the same cache
     cache.append(ks[0], vs[0])
     telemetry.reset()
-    got = decode_attend_fast(qs[0], gs[0], cache, cfg, fa2=fa2, select=select)
+    got = decode_attend_fast(qs[0], gs[0], cache, cfg, fa2=fa2, select=select, win=win)
     paths = sorted({(b, p) for (b, p, _r) in telemetry.snapshot()["counts"]})
     row["paths"] = " ".join(f"{b}={p}" for b, p in paths)
     kernel, why = resolve_kvcache(fa2)
@@ -213,11 +214,12 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
     def nsa_step():
         j = i[0]
         i[0] += 1
-        return decode_step_fast(qs[j], ks[j], vs[j], gs[j], cache, cfg, fa2=fa2, validate="shapes", select=select)
+        return decode_step_fast(qs[j], ks[j], vs[j], gs[j], cache, cfg, fa2=fa2, validate="shapes", select=select,
+                                win=win)
 
     row["nsa_eager_ms"] = timer.median_ms(nsa_step, args.warmup, args.iters)
     if device.type == "cuda":
-        step = CapturedDecodeStep(cache, cfg, qs[i[0]], ks[i[0]], vs[i[0]], gs[i[0]], fa2=fa2, select=select)
+        step = CapturedDecodeStep(cache, cfg, qs[i[0]], ks[i[0]], vs[i[0]], gs[i[0]], fa2=fa2, select=select, win=win)
 
         def nsa_graph_step():
             j = i[0]
@@ -225,7 +227,7 @@ def bench_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtype:
             step(qs[j], ks[j], vs[j], gs[j])
 
         row["nsa_graph_ms"] = timer.median_ms(nsa_graph_step, args.warmup, args.iters)
-        attend = CapturedAttend(cache, cfg, qs[0], gs[0], fa2, select)
+        attend = CapturedAttend(cache, cfg, qs[0], gs[0], fa2, select, win)
         row["nsa_graph_attend_ms"] = timer.median_ms(attend.graph.replay, args.warmup, args.iters)
         del step, attend
     del cache
@@ -266,14 +268,14 @@ def profile_one(B: int, T: int, args, cfg: NSAConfig, device: torch.device, dtyp
     q = torch.randn(B, args.hq, args.dim, device=device, dtype=dtype, generator=gen)
     g = torch.rand(B, args.hq, 3, device=device, generator=gen).to(dtype)
     fa2 = None if args.fa2 == "none" else "auto"
-    select = getattr(args, "select", "auto")
+    select, win = getattr(args, "select", "auto"), getattr(args, "win", "auto")
     k = torch.randn(B, args.hkv, args.dim, device=device, dtype=dtype, generator=gen)
     v = torch.randn(B, args.hkv, args.dim, device=device, dtype=dtype, generator=gen)
 
     def step():
         append_static(cache, k, v)
         advance_host_lengths(cache, 1)
-        return decode_attend_fast(q, g, cache, cfg, fa2=fa2, select=select)
+        return decode_attend_fast(q, g, cache, cfg, fa2=fa2, select=select, win=win)
 
     for _ in range(3):
         step()
@@ -340,6 +342,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--fa2", default="auto", choices=["auto", "none"], help="none: the fast step's torch path")
     parser.add_argument("--select", default="auto", choices=["auto", "triton", "torch"],
                         help="the selection: Triton decode_select where it runs (auto), forced, or the torch ops")
+    parser.add_argument("--win", default="auto", choices=["auto", "triton", "fa2", "torch"],
+                        help="the window: Triton decode_win where it runs (auto), forced, FA-2's windowed kvcache "
+                             "call, or the torch gather")
     parser.add_argument("--mem-limit-gb", type=float, default=60.0)
     parser.add_argument("--no-check", action="store_true", help="skip the first-step comparison with the reference")
     parser.add_argument("--plot", action="store_true", help="also write decode_bench.png (tokens/s vs context)")

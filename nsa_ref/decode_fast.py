@@ -508,9 +508,11 @@ def check_static_append(cache: NSAKVCache) -> None:
     cache._check_room([x + 1 for x in cache.raw.lengths])
 
 
-def append_static(cache: NSAKVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+def append_static(cache: NSAKVCache, k_new: torch.Tensor, v_new: torch.Tensor, fused: str = "auto") -> None:
     """k_new (B, Hkv, Dk), v_new (B, Hkv, Dv) -> one token appended to every sequence with device
-    ops only (capturable: fixed shapes, no host read or copy). The raw token goes to position
+    ops only (capturable: fixed shapes, no host read or copy). ``fused="auto"``: one Triton launch
+    (``triton_kernels.decode_append``) where it runs (CUDA sm80+ or the interpreter, the mean phi);
+    else, or with ``fused="torch"``, the torch ops below. The raw token goes to position
     cache_seqlens[b]; then the LAST compressed block of every sequence is recomputed from the raw
     pages and written unconditionally (rewriting an emitted block gives the same bytes; a sequence
     with no block yet writes an unemitted slot 0, which nothing reads); the compressed
@@ -519,6 +521,13 @@ def append_static(cache: NSAKVCache, k_new: torch.Tensor, v_new: torch.Tensor) -
     The host lengths are NOT advanced (a replayed graph runs no Python): call
     ``advance_host_lengths(cache, 1)`` after it, and ``check_static_append`` before it (inputs
     are not checked here)."""
+    if fused not in ("auto", "torch"):
+        raise ValueError(f"fused={fused!r}: 'auto' or 'torch'")
+    if fused == "auto" and _fused_append_refusal(cache, k_new) is None:
+        from nsa_ref.triton_kernels.decode_append import decode_append
+
+        decode_append(cache, k_new.detach(), v_new.detach())
+        return
     raw, cmp, cfg = cache.raw, cache.cmp, cache.cfg
     B = raw.batch_size
     dev = raw.k_pages.device
@@ -534,6 +543,18 @@ def append_static(cache: NSAKVCache, k_new: torch.Tensor, v_new: torch.Tensor) -
         k_blk, v_blk = raw.view().gather(b[:, None], tokens, has)  # zeros for a sequence with no block
         cmp.write(b, last, cache.phi_k(k_blk), cache.phi_v(v_blk))
     cmp.cache_seqlens.copy_(tc)
+
+
+def _fused_append_refusal(cache: NSAKVCache, k_new: torch.Tensor) -> str | None:
+    """Why ``append_static`` keeps its torch ops for this cache (None: the Triton append runs)."""
+    from nsa_ref.triton_kernels import unavailable_reason
+
+    why = unavailable_reason(k_new)  # before importing Triton
+    if why is None:
+        from nsa_ref.triton_kernels.decode_append import refusal
+
+        why = refusal(cache, k_new)
+    return why
 
 
 def advance_host_lengths(cache: NSAKVCache, n: int = 1) -> None:

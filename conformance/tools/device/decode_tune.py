@@ -11,7 +11,8 @@ Per (B, T) on a preallocated cache filled to T (bf16, Hq 64 / Hkv 4 / D 128, pap
     select   Triton ``decode_select`` at CMP_TILE 64 / 128 / 256 and split targets
     sel      Triton ``decode_sel`` at split targets
 
-CUDA events, warm-up, median of ``--iters`` launches, each setting checked against the default
+CUDA events around a CUDA graph of 20 launches (the way the step runs), warm-up, median of
+``--iters`` replays, each setting checked against the default
 setting's output (max abs difference; block lists: fraction of entries that differ). Writes
 decode_tune.csv / .json and prints a table. CUDA only.
 """
@@ -27,17 +28,29 @@ from pathlib import Path
 import torch
 
 
-def median_ms(fn, warmup: int, iters: int) -> float:
+def median_ms(fn, warmup: int, iters: int, per_graph: int = 20) -> float:
+    """fn's launches captured ``per_graph`` times in one CUDA graph, replayed: median ms per fn call.
+    (Timing fn eagerly would time the host: a Triton launch's Python costs more than these kernels.)"""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
     for _ in range(warmup):
-        fn()
+        graph.replay()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / per_graph)
     return statistics.median(times)
 
 

@@ -45,15 +45,17 @@ def decode_step(
     ============  ==================================================  ==============================
     backend       runs                                                refuses (before any write)
     ============  ==================================================  ==============================
-    "auto"        ``decode_step_fast(fa2="auto", select="auto")``:     none (falls back per branch)
-                  FA-2 kvcache where it can run, the Triton decode
-                  kernels where they can, torch otherwise; telemetry
-                  records each branch's path and reason
+    "auto"        ``decode_step_fast(fa2="auto", select="auto",       none (falls back per branch)
+                  win="auto")``: the Triton decode kernels (win,
+                  select, sel) where they can run, FA-2 kvcache
+                  for cmp (and win without Triton), torch otherwise;
+                  telemetry records each branch's path and reason
     "reference"   ``decode_step_batched``: exact plain torch          none
-    "sdpa"        ``decode_step_fast(fa2=None, select="torch")``:      none
-                  the fast step's torch path (no FA-2, no Triton)
-    "fa2"         ``decode_step_fast(fa2="auto", select="torch")``     ``router.FA2Unavailable``: no
-                                                                      FA-2 kvcache kernel resolves
+    "sdpa"        ``decode_step_fast(fa2=None, select="torch",        none
+                  win="torch")``: the fast step's torch path (no
+                  FA-2, no Triton)
+    "fa2"         ``decode_step_fast(fa2="auto", select="torch",      ``router.FA2Unavailable``: no
+                  win="fa2")``: win, cmp and sel on FA-2 kvcache      FA-2 kvcache kernel resolves
                                                                       or q is not on CUDA
     "triton"      ``decode_step_fast(fa2="auto", select="triton")``    ``router.TritonUnavailable``:
                                                                       the Triton decode kernels
@@ -80,7 +82,7 @@ def decode_step(
     if backend == "reference":
         return decode_step_batched(q, k, v, gates, cache, cfg, validate=validate)
     if backend == "sdpa":
-        return decode_step_fast(q, k, v, gates, cache, cfg, fa2=None, validate=validate, select="torch")
+        return decode_step_fast(q, k, v, gates, cache, cfg, fa2=None, validate=validate, select="torch", win="torch")
     if backend == "auto":
         return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="auto")
     # An explicit fast backend: the inputs' shapes first (its checks need a well-formed q), then
@@ -88,7 +90,7 @@ def decode_step(
     q4 = check_step_inputs(q, k, v, gates, cache, cfg, "shapes", who="decode_step")[0]
     if backend == "fa2":
         _require_fa2(q4)
-        return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="torch")
+        return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="torch", win="fa2")
     _require_triton(q4[:, -1], cache)
     return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="triton")
 

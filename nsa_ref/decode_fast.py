@@ -196,6 +196,17 @@ def win_torch(q: torch.Tensor, t: torch.Tensor, raw: PagedView, cfg: NSAConfig) 
                         cfg.softmax_scale(q.shape[-1]))[0]
 
 
+def cmp_splits(kernel: KVCacheKernel | None, programs: int, device: torch.device) -> int:
+    """``num_splits`` of the cmp call: 2 where B * Hkv fills the GPU's SMs (FA-2's heuristic then
+    takes 1 split; H200, B 64 x Hkv 4 over 4K compressed keys: 210 -> 142 us, decode_tune.py),
+    else 0 (FA-2's heuristic, which splits by itself there)."""
+    if kernel is None or kernel.name != "flash_attn" or device.type != "cuda":
+        return 0
+    from nsa_ref.triton_kernels.layout import sm_count
+
+    return 2 if programs >= sm_count(device.index if device.index is not None else torch.cuda.current_device()) else 0
+
+
 def cmp_width(raw: PagedView, cmp: PagedView, cfg: NSAConfig) -> int:
     """Compressed slots the step reads: what the capacity can ever emit (static)."""
     return min(cmp.capacity, cfg.num_cmp_blocks(raw.capacity))
@@ -379,7 +390,7 @@ def _triton_refusal(branch: str, q: torch.Tensor, store: PagedView, unavailable_
 WIN_MODES = ("auto", "triton", "fa2", "torch")
 
 
-def win_branch_fast(q: torch.Tensor, q1: torch.Tensor, t: torch.Tensor, raw: PagedView, cfg: NSAConfig,
+def win_branch_fast(q: torch.Tensor, q1: torch.Tensor, raw: PagedView, cfg: NSAConfig,
                     kernel: KVCacheKernel | None, why: str, win: str = "auto") -> tuple[torch.Tensor, str, str]:
     """The window branch -> (o_win (B, Hq, Dv), path, telemetry reason). ``win``: "auto" (Triton
     ``decode_win`` where it runs, else FA-2 kvcache where usable, else torch), "triton" (or
@@ -406,7 +417,7 @@ def win_branch_fast(q: torch.Tensor, q1: torch.Tensor, t: torch.Tensor, raw: Pag
         if run:
             return kernel.fn(**call)[:, 0], "fa2", reason
         why_not_triton = f"{why_not_triton}; {reason}"
-    return win_torch(q, t, raw, cfg), "torch", why_not_triton
+    return win_torch(q, raw.cache_seqlens.long() - 1, raw, cfg), "torch", why_not_triton
 
 
 # -- the step -------------------------------------------------------------------------------------
@@ -422,15 +433,14 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     raw, cmp = cache.views()
     B, Hq, Dk = q.shape
     Hkv = raw.k_pages.shape[2]
-    t = cache.cache_seqlens.long() - 1  # (B,) positions of the queries
     kernel, why = resolve_kvcache(fa2)
     q1 = q[:, None]  # (B, 1, Hq, Dk): FA-2's layout
 
-    o_win, path, win_reason = win_branch_fast(q, q1, t, raw, cfg, kernel, why, win)
+    o_win, path, win_reason = win_branch_fast(q, q1, raw, cfg, kernel, why, win)
     telemetry.record("win", path, win_reason)
 
     width = cmp_width(raw, cmp, cfg)
-    call = dict(cmp_call(q1, cmp, cfg), return_softmax_lse=True)
+    call = dict(cmp_call(q1, cmp, cfg, num_splits=cmp_splits(kernel, B * Hkv, q.device)), return_softmax_lse=True)
     run_cmp, cmp_reason = _usable(kernel, why, call) if width else (False, "no compressed slot")
     triton_select, select_reason = select_path(select, q, cmp)
     lse = None
@@ -451,7 +461,7 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
         telemetry.record("select", "triton", select_reason)
     else:
         scores = block_scores_banded(p_cmp, Hkv, cfg.num_sel_blocks(raw.capacity), cfg)
-        block_idx = selection.top_blocks(scores, t, cfg)  # (B, Hkv, n_sel)
+        block_idx = selection.top_blocks(scores, raw.cache_seqlens.long() - 1, cfg)  # (B, Hkv, n_sel)
         telemetry.record("select", "torch", f"banded scores + top_blocks ({select_reason})")
     triton_sel, triton_sel_reason = select_path(select, q, raw, "sel")
     if triton_sel:  # straight from the paged raw cache: no gather
@@ -460,7 +470,7 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
         o_sel = decode_sel(q, raw, raw.cache_seqlens, block_idx, cfg)
         telemetry.record("sel", "triton", triton_sel_reason)
         return combine_branches(gates, o_cmp.to(q.dtype), o_sel, o_win.to(q.dtype))
-    k_sel, v_sel, valid = sel_gather(t, block_idx, raw, cfg)
+    k_sel, v_sel, valid = sel_gather(raw.cache_seqlens.long() - 1, block_idx, raw, cfg)
     call = sel_call(q, k_sel, v_sel, valid, cfg)
     run_sel, sel_reason = _usable(kernel, why, call)
     if run_sel:

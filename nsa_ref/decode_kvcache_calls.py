@@ -44,11 +44,11 @@ def win_call(q: torch.Tensor, raw_view: PagedView, cfg: NSAConfig) -> dict:
                 causal=True, window_size=(cfg.window - 1, 0))
 
 
-def cmp_call(q: torch.Tensor, cmp_view: PagedView, cfg: NSAConfig) -> dict:
+def cmp_call(q: torch.Tensor, cmp_view: PagedView, cfg: NSAConfig, num_splits: int = 0) -> dict:
     """q: (B, 1, Hq, Dk), the last token of each sequence -> the arguments of the cmp branch's call:
     every emitted block is visible (``masks.cmp_block_visible`` at t = length - 1), so there is
     no mask. A sequence with no block gets out 0 and lse +inf from FA-2 (-inf by this project's
-    convention). For n > 1 tokens, query t sees ``masks.num_visible_cmp_blocks(t)`` blocks, which
+    convention). ``num_splits``: FA-2's split-KV count (0: its heuristic). For n > 1 tokens, query t sees ``masks.num_visible_cmp_blocks(t)`` blocks, which
     is not bottom-right causal in block units, so this raises ValueError."""
     if q.shape[1] != 1:
         raise ValueError(
@@ -56,4 +56,4 @@ def cmp_call(q: torch.Tensor, cmp_view: PagedView, cfg: NSAConfig) -> dict:
             "num_visible_cmp_blocks(t) blocks, not a bottom-right causal range (use the reference cmp_branch)"
         )
     return dict(q=q, **kvcache_layout(cmp_view), softmax_scale=cfg.softmax_scale(q.shape[-1]),
-                causal=False, window_size=(-1, -1))
+                causal=False, window_size=(-1, -1), num_splits=num_splits)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from nsa_ref.triton_kernels.dtypes import dot_precision, tl_acc
-from nsa_ref.triton_kernels.layout import next_pow2, split_programs
+from nsa_ref.triton_kernels.layout import next_pow2, sm_count, split_programs
 
 if TYPE_CHECKING:
     from nsa_ref.config import NSAConfig
@@ -58,7 +58,7 @@ CMP_TILE = 64
 MAX_HEAD_DIM = 256
 #: split_programs: None = two programs per SM on a GPU, one program per (b, h) elsewhere; an int
 #: forces that target (tests run the split path on the interpreter with it).
-TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None}
+TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None, "programs_per_sm": 8}
 
 
 @triton.jit
@@ -191,9 +191,13 @@ def _merge_splits_kernel(PART, IDX, si_b, si_h, n_sel, SPLITS: tl.constexpr, NP:
 
 def split_count(B: int, Hkv: int, num_tiles: int, device: torch.device) -> int:
     """Programs per (sequence, KV head): 1, or a power of two that brings B * Hkv * splits to about
-    two programs per SM of the GPU (``TUNING["split_programs"]`` overrides the target), at most one
-    split per BJ-tile of the capacity."""
-    return split_programs(B * Hkv, num_tiles, device, TUNING.get("split_programs"))
+    ``TUNING["programs_per_sm"]`` programs per SM of the GPU (8: H200, B 16 / 64 at 64K, 74 -> 53 and
+    261 -> 163 us against 2 per SM, decode_tune.py; ``TUNING["split_programs"]`` overrides the
+    target), at most one split per BJ-tile of the capacity."""
+    target = TUNING.get("split_programs")
+    if target is None and device.type == "cuda":
+        target = TUNING["programs_per_sm"] * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return split_programs(B * Hkv, num_tiles, device, target)
 
 
 def _tiles(cfg: "NSAConfig") -> tuple[int, int, int, int]:

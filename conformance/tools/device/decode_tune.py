@@ -112,8 +112,8 @@ def main(argv=None) -> list[dict]:
             call = dict(cmp_call(q1, cmp, cfg), return_softmax_lse=True)
             base_o, base_lse = flash_attn_with_kvcache(**call)[:2]
             for ns in (0, 1, 2, 4, 8):
-                o, _ = flash_attn_with_kvcache(**call, num_splits=ns)[:2]
-                ms = median_ms(lambda: flash_attn_with_kvcache(**call, num_splits=ns), args.warmup, args.iters)
+                o, _ = flash_attn_with_kvcache(**dict(call, num_splits=ns))[:2]
+                ms = median_ms(lambda: flash_attn_with_kvcache(**dict(call, num_splits=ns)), args.warmup, args.iters)
                 add(B, T, "cmp", f"fa2 num_splits={ns}", ms, round(float((o.float() - base_o.float()).abs().max()), 5))
             lse = base_lse[..., 0]
             width = cmp_width(raw, cmp, cfg)

@@ -436,8 +436,12 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     kernel, why = resolve_kvcache(fa2)
     q1 = q[:, None]  # (B, 1, Hq, Dk): FA-2's layout
 
-    o_win, path, win_reason = win_branch_fast(q, q1, raw, cfg, kernel, why, win)
-    telemetry.record("win", path, win_reason)
+    if win not in WIN_MODES:
+        raise ValueError(f"win={win!r}: one of {WIN_MODES}")
+    triton_win, win_reason = select_path(win, q, raw, "win") if win in ("auto", "triton") else (False, "")
+    if not triton_win:  # FA-2 or torch now; the Triton window runs with sel below
+        o_win, path, win_reason = win_branch_fast(q, q1, raw, cfg, kernel, why, win)
+        telemetry.record("win", path, win_reason)
 
     width = cmp_width(raw, cmp, cfg)
     call = dict(cmp_call(q1, cmp, cfg, num_splits=cmp_splits(kernel, B * Hkv, q.device)), return_softmax_lse=True)
@@ -464,6 +468,17 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
         block_idx = selection.top_blocks(scores, raw.cache_seqlens.long() - 1, cfg)  # (B, Hkv, n_sel)
         telemetry.record("select", "torch", f"banded scores + top_blocks ({select_reason})")
     triton_sel, triton_sel_reason = select_path(select, q, raw, "sel")
+    if triton_win:
+        telemetry.record("win", "triton", win_reason)
+    if triton_sel and triton_win:  # sel + win in one launch, the merge applies the gates
+        from nsa_ref.triton_kernels.decode_sel import decode_sel_win
+
+        telemetry.record("sel", "triton", triton_sel_reason)
+        return decode_sel_win(q, raw, raw.cache_seqlens, block_idx, o_cmp.to(q.dtype), gates, cfg)
+    if triton_win:
+        from nsa_ref.triton_kernels.decode_sel import decode_win
+
+        o_win = decode_win(q, raw, raw.cache_seqlens, cfg)
     if triton_sel:  # straight from the paged raw cache: no gather
         from nsa_ref.triton_kernels.decode_sel import decode_sel
 

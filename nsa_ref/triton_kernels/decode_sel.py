@@ -1,7 +1,9 @@
-"""NSA decode sel and win attention, one Triton launch each, straight from the paged raw cache: no gather.
+"""NSA decode sel and win attention in Triton, straight from the paged raw cache: no gather.
 
     decode_sel(q, raw, seqlens, block_idx, cfg) -> o_sel (B, Hq, Dv) in q's dtype
     decode_win(q, raw, seqlens, cfg)            -> o_win (B, Hq, Dv): the same kernel over the window
+    decode_sel_win(q, raw, seqlens, block_idx, o_cmp, gates, cfg) -> the gated output (B, Hq, Dv):
+        sel and win in one launch, then one merge launch that applies the gates
 
 One program per (sequence b, KV head h), grid (B, Hkv) (on a GPU where B * Hkv leaves SMs idle:
 (B, Hkv, splits) over the n_sel entries and a merge launch, ``split_count``): its G query heads are the rows of one
@@ -38,15 +40,17 @@ TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None}
 def _decode_sel_kernel(
     Q, KP_, VP_, BT, SEQ, IDX, OUT, PART_M, PART_L, PART_ACC,
     sq_b, sq_h, sk_p, sk_s, sk_h, sv_p, sv_s, sv_h, sbt_b, si_b, si_h, so_b, so_h,
-    G, Dk, Dv, P, scale, n_sel, SEL_BLOCK, per_split, win_back,
-    GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, SPLITS: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, WINDOW: tl.constexpr,
+    G, Dk, Dv, P, scale, n_sel, n_win, per_sel, per_win, s_sel, BLOCK, win_back,
+    GP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr, DIRECT: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """sel (WINDOW False): the n_sel blocks listed in IDX. win (WINDOW True): the n_sel tiles of
-    SEL_BLOCK tokens from the one holding lo = max(t - win_back, 0), tokens s in [lo, t]."""
+    """Program z of (b, h): z < s_sel: sel split z, the entries [z per_sel, (z+1) per_sel) of the
+    n_sel blocks listed in IDX; else win split z - s_sel, tiles [.. per_win ..) of the n_win tiles
+    of BLOCK tokens from the one holding lo = max(t - win_back, 0), tokens s in [lo, t]. DIRECT (one
+    program per (b, h), one branch): the normalised rows to OUT; else (max, sum, acc) to PART[z]."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    z = tl.program_id(2)
     t = tl.load(SEQ + b) - 1
     g = tl.arange(0, GP)
     row_ok = g < G
@@ -60,20 +64,15 @@ def _decode_sel_kernel(
     acc = tl.zeros([GP, BDV], ACC)
     u = tl.arange(0, BL)
     idx_row = IDX + b.to(tl.int64) * si_b + kvh * si_h
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(t - win_back, 0)
-    r_lo = split * per_split
-    r_hi = n_sel
-    if SPLITS > 1:
-        r_hi = tl.minimum(n_sel, r_lo + per_split)
+    is_win = z >= s_sel
+    lo = tl.where(is_win, tl.maximum(t - win_back, 0), 0)
+    r_lo = tl.where(is_win, (z - s_sel) * per_win, z * per_sel)
+    r_hi = tl.where(is_win, tl.minimum(n_win, r_lo + per_win), tl.minimum(n_sel, r_lo + per_sel))
     for r in range(r_lo, r_hi):
-        if WINDOW:
-            j = lo // SEL_BLOCK + r
-        else:
-            j = tl.load(idx_row + r)
-        s_tok = j * SEL_BLOCK + u
-        ok = (u < SEL_BLOCK) & (s_tok >= lo) & (s_tok <= t)  # j = -1: every s_tok < 0
+        listed = tl.load(idx_row + r, mask=(r < n_sel) & (z < s_sel), other=0)
+        j = tl.where(is_win, lo // BLOCK + r, listed)
+        s_tok = j * BLOCK + u
+        ok = (u < BLOCK) & (s_tok >= lo) & (s_tok <= t)  # j = -1: every s_tok < 0
         ssafe = tl.where(ok, s_tok, 0)
         page = tl.load(BT + b.to(tl.int64) * sbt_b + ssafe // P, mask=ok, other=0).to(tl.int64)
         off = (ssafe % P).to(tl.int64)
@@ -90,39 +89,62 @@ def _decode_sel_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
-    if SPLITS > 1:  # partial softmax state of this split, merged by _merge_sel_kernel
-        part = ((b.to(tl.int64) * tl.num_programs(1) + kvh) * SPLITS + split) * GP + g
-        tl.store(PART_M + part, m_i)
-        tl.store(PART_L + part, l_i)
-        tl.store(PART_ACC + part[:, None] * BDV + dv[None, :], acc)
-    else:
+    if DIRECT:
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
         tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & (dv < Dv)[None, :])
+    else:  # partial softmax state of this program, merged by _merge_kernel
+        part = ((b.to(tl.int64) * tl.num_programs(1) + kvh) * tl.num_programs(2) + z) * GP + g
+        tl.store(PART_M + part, m_i)
+        tl.store(PART_L + part, l_i)
+        tl.store(PART_ACC + part[:, None] * BDV + dv[None, :], acc)
 
 
 @triton.jit
-def _merge_sel_kernel(PART_M, PART_L, PART_ACC, OUT, so_b, so_h, G, Dv,
-                      GP: tl.constexpr, BDV: tl.constexpr, SPLITS: tl.constexpr):
-    """The SPLITS partial (max, sum, acc) of (b, h) -> o_sel rows, 0 where nothing was visible."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.arange(0, SPLITS)
+def _merged(PART_M, PART_L, PART_ACC, base, first, count, GP: tl.constexpr, BDV: tl.constexpr, SP: tl.constexpr):
+    """Partials first .. first + count - 1 of one (b, h) (base: its first partial) -> (GP, BDV)
+    rows, 0 where nothing was visible."""
+    sp = tl.arange(0, SP)
     g = tl.arange(0, GP)
     dv = tl.arange(0, BDV)
-    base = (b.to(tl.int64) * tl.num_programs(1) + kvh) * SPLITS
-    part = (base + sp)[:, None] * GP + g[None, :]  # (SPLITS, GP)
-    m = tl.load(PART_M + part)
-    l = tl.load(PART_L + part)
+    use = sp < count
+    part = (base + first + sp)[:, None] * GP + g[None, :]  # (SP, GP)
+    m = tl.load(PART_M + part, mask=use[:, None], other=float("-inf"))
+    l = tl.load(PART_L + part, mask=use[:, None], other=0.0)
     m_max = tl.max(m, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_safe[None, :])  # exp(-inf) = 0 for splits that saw nothing
+    w = tl.exp(m - m_safe[None, :])  # exp(-inf) = 0 for partials that saw nothing
     l_all = tl.sum(w * l, 0)
-    acc = tl.sum(tl.load(PART_ACC + part[:, :, None] * BDV + dv[None, None, :]) * w[:, :, None], 0)
-    out = tl.where(l_all[:, None] > 0, acc / tl.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
+    acc = tl.sum(tl.load(PART_ACC + part[:, :, None] * BDV + dv[None, None, :], mask=use[:, None, None], other=0.0)
+                 * w[:, :, None], 0)
+    return tl.where(l_all[:, None] > 0, acc / tl.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
+
+
+@triton.jit
+def _merge_kernel(PART_M, PART_L, PART_ACC, OCMP, GATES, OUT, so_b, so_h, sc_b, sc_h, sg_b, sg_h, G, Dv,
+                  s_sel, s_win, GP: tl.constexpr, BDV: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr):
+    """(b, h): COMBINE: out = g_cmp * o_cmp + g_sel * merge(sel partials) + g_win * merge(win
+    partials), in the accumulation dtype, rounded once; else out = merge of all s_sel + s_win partials
+    (one branch)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, BDV)
+    base = (b.to(tl.int64) * tl.num_programs(1) + kvh) * (s_sel + s_win)
     head = kvh * G + g
-    tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=(g < G)[:, None] & (dv < Dv)[None, :])
+    mask = (g < G)[:, None] & (dv < Dv)[None, :]
+    if COMBINE:
+        o_sel = _merged(PART_M, PART_L, PART_ACC, base, 0, s_sel, GP, BDV, SP)
+        o_win = _merged(PART_M, PART_L, PART_ACC, base, s_sel, s_win, GP, BDV, SP)
+        o_cmp = tl.load(OCMP + b.to(tl.int64) * sc_b + head[:, None] * sc_h + dv[None, :], mask=mask, other=0.0)
+        gate = GATES + b.to(tl.int64) * sg_b + head * sg_h
+        g_cmp = tl.load(gate, mask=g < G, other=0.0).to(o_sel.dtype)
+        g_sel = tl.load(gate + 1, mask=g < G, other=0.0).to(o_sel.dtype)
+        g_win = tl.load(gate + 2, mask=g < G, other=0.0).to(o_sel.dtype)
+        out = g_cmp[:, None] * o_cmp.to(o_sel.dtype) + g_sel[:, None] * o_sel + g_win[:, None] * o_win
+    else:
+        out = _merged(PART_M, PART_L, PART_ACC, base, 0, s_sel + s_win, GP, BDV, SP)
+    tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def split_count(B: int, Hkv: int, n_sel: int, device: torch.device) -> int:
@@ -154,12 +176,11 @@ def decode_sel(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_i
                cfg: "NSAConfig") -> torch.Tensor:
     """q (B, Hq, Dk), raw: the raw store (``NSAKVCache.views()[0]``), seqlens (B,) int32 (the query
     sits at seqlens - 1), block_idx (B, Hkv, n_sel) int32 (``selection.top_blocks``'s layout)
-    -> o_sel (B, Hq, Dv) in q's dtype. One launch, grid (B, Hkv), no host read."""
-    idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
-    return _launch(q, raw, seqlens, cfg.softmax_scale(q.shape[-1]), idx, idx.shape[-1], cfg.sel_block, -1)
+    -> o_sel (B, Hq, Dv) in q's dtype. One launch, grid (B, Hkv[, splits]), no host read."""
+    return _launch(q, raw, seqlens, cfg, block_idx, window=False)
 
 
-#: Tokens per tile of ``decode_win``.
+#: Tokens per tile of ``decode_win`` alone (``decode_sel_win`` walks the window in l' tiles).
 WIN_TILE = 64
 
 
@@ -170,15 +191,31 @@ def decode_win(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, cfg: "N
     as ``decode_sel``, walking the ``WIN_TILE``-token tiles that hold the window instead of listed
     blocks: one launch, grid (B, Hkv[, splits]), the G query heads of a KV head in one program
     (FA-2's kvcache kernel gives each query head its own 64/128-row tile once a window is set)."""
-    width = min(cfg.window, raw.capacity)
-    tiles = min(-(-max(width - 1, 0) // WIN_TILE) + 1, -(-raw.capacity // WIN_TILE))
-    return _launch(q, raw, seqlens, cfg.softmax_scale(q.shape[-1]), None, tiles, WIN_TILE, cfg.window - 1)
+    return _launch(q, raw, seqlens, cfg, None, window=True)
 
 
-def _launch(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, scale: float, idx: torch.Tensor | None,
-            n_sel: int, block: int, win_back: int) -> torch.Tensor:
-    """One ``_decode_sel_kernel`` launch (+ merge): the listed blocks (idx) or, with idx None, the
-    window of win_back + 1 tokens ending at t walked in n_sel tiles of ``block`` tokens."""
+@torch.no_grad()
+def decode_sel_win(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, block_idx: torch.Tensor,
+                   o_cmp: torch.Tensor, gates: torch.Tensor, cfg: "NSAConfig") -> torch.Tensor:
+    """sel and win in ONE launch, then the gated sum: q (B, Hq, Dk), block_idx (B, Hkv, n_sel),
+    o_cmp (B, Hq, Dv), gates (B, Hq, 3) (cmp, sel, win) -> out (B, Hq, Dv) in q's dtype =
+    g_cmp o_cmp + g_sel o_sel + g_win o_win (``api.combine_branches``, summed in fp32 and rounded
+    once). Grid (B, Hkv, sel splits + win splits) writing partial softmax states, then one merge
+    launch (B, Hkv) that also applies the gates: two launches where ``decode_sel`` + ``decode_win``
+    + the torch combine take five or more."""
+    return _launch(q, raw, seqlens, cfg, block_idx, window=True, o_cmp=o_cmp, gates=gates)
+
+
+def _tiles(cfg: "NSAConfig", capacity: int, tile: int) -> int:
+    """Tiles of ``tile`` tokens that hold a window of min(w, capacity) tokens ending anywhere."""
+    width = min(cfg.window, capacity)
+    return min(-(-max(width - 1, 0) // tile) + 1, -(-capacity // tile))
+
+
+def _launch(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, cfg: "NSAConfig", block_idx: torch.Tensor | None,
+            window: bool, o_cmp: torch.Tensor | None = None, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """``_decode_sel_kernel`` over the listed blocks (block_idx), the window (window=True), or both
+    (then o_cmp and gates: combined), plus ``_merge_kernel`` where the work was split."""
     B, Hq, Dk = q.shape
     Hkv, Dv = raw.k_pages.shape[2], raw.v_pages.shape[3]
     out = torch.empty(B, Hq, Dv, dtype=q.dtype, device=q.device)
@@ -190,32 +227,47 @@ def _launch(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, scale: flo
     table = raw.block_table
     if table.shape[1] == 0:  # zero capacity: nothing visible (every block index -1)
         table = torch.zeros(B, 1, dtype=torch.int32, device=q.device)
-    window = idx is None
-    if window:
-        idx = table  # never read
-    GP, BDV = next_pow2(Hq // Hkv, 16), next_pow2(Dv, 16)
-    splits = split_count(B, Hkv, n_sel, q.device)
-    per_split = -(-n_sel // splits)
-    if splits > 1:
-        acc_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        pm = torch.empty(B, Hkv, splits, GP, dtype=acc_dt, device=q.device)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty(B, Hkv, splits, GP, BDV, dtype=acc_dt, device=q.device)
+    combine = block_idx is not None and window
+    if combine:
+        o_cmp = o_cmp if o_cmp.stride(-1) == 1 else o_cmp.contiguous()
+        gates = gates if gates.stride(-1) == 1 else gates.contiguous()
+    block = cfg.sel_block if block_idx is not None else WIN_TILE
+    if block_idx is not None:
+        idx = block_idx if block_idx.stride(-1) == 1 else block_idx.contiguous()
+        n_sel = idx.shape[-1]
+        s_sel = split_count(B, Hkv, n_sel, q.device)
     else:
+        idx, n_sel, s_sel = table, 0, 0  # idx never read
+    n_win = _tiles(cfg, raw.capacity, block) if window else 0
+    s_win = split_count(B, Hkv, n_win, q.device) if window else 0
+    programs = s_sel + s_win
+    direct = programs == 1 and not combine
+    GP, BDV = next_pow2(Hq // Hkv, 16), next_pow2(Dv, 16)
+    if direct:
         pm = pl = pacc = out  # never written
-    _decode_sel_kernel[(B, Hkv, splits)](
+    else:
+        acc_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        pm = torch.empty(B, Hkv, programs, GP, dtype=acc_dt, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B, Hkv, programs, GP, BDV, dtype=acc_dt, device=q.device)
+    _decode_sel_kernel[(B, Hkv, programs)](
         q, kp, vp, table, seqlens, idx, out, pm, pl, pacc,
         q.stride(0), q.stride(1), kp.stride(0), kp.stride(1), kp.stride(2), vp.stride(0), vp.stride(1), vp.stride(2),
         table.stride(0), idx.stride(0), idx.stride(1) if idx.dim() > 2 else 0, out.stride(0), out.stride(1),
-        Hq // Hkv, Dk, Dv, kp.shape[1], scale, n_sel, block, per_split, win_back,
-        GP=GP, BD=next_pow2(Dk, 16), BDV=BDV, BL=next_pow2(block, 16), SPLITS=splits,
-        PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype), WINDOW=window,
+        Hq // Hkv, Dk, Dv, kp.shape[1], cfg.softmax_scale(Dk), n_sel, n_win,
+        -(-n_sel // max(s_sel, 1)), -(-n_win // max(s_win, 1)), s_sel, block, cfg.window - 1,
+        GP=GP, BD=next_pow2(Dk, 16), BDV=BDV, BL=next_pow2(block, 16), DIRECT=direct,
+        PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
         num_warps=TUNING["num_warps"], num_stages=TUNING["num_stages"],
     )
-    if splits > 1:
-        _merge_sel_kernel[(B, Hkv)](pm, pl, pacc, out, out.stride(0), out.stride(1), Hq // Hkv, Dv,
-                                    GP=GP, BDV=BDV, SPLITS=splits, num_warps=4)
+    if not direct:
+        oc = o_cmp if combine else out  # never read without combine
+        gt = gates if combine else out
+        _merge_kernel[(B, Hkv)](pm, pl, pacc, oc, gt, out, out.stride(0), out.stride(1), oc.stride(0), oc.stride(1),
+                                gt.stride(0), gt.stride(1), Hq // Hkv, Dv, s_sel if combine else programs,
+                                s_win if combine else 0, GP=GP, BDV=BDV, SP=next_pow2(max(s_sel, s_win, programs if not combine else 1)),
+                                COMBINE=combine, num_warps=4)
     return out
 
 
-__all__ = ["decode_sel", "decode_win", "refusal"]
+__all__ = ["decode_sel", "decode_sel_win", "decode_win", "refusal"]

@@ -37,7 +37,7 @@ CONFIGS = {"small": SMALL, "odd": ODD, "tied": TIED}
 ATOL = 1e-10
 
 
-def _steps(case: Case, layout, pre, steps, *, fa2=None, capacity=None, dtype_check=True) -> None:
+def _steps(case: Case, layout, pre, steps, *, fa2=None, capacity=None, dtype_check=True, win="auto") -> None:
     """Prefill ``pre``; then per step the fast step on one cache and the reference on another,
     both against prefill (fp64)."""
     fast, ref = case.cache(layout, capacity=capacity, poison=True), case.cache(layout, capacity=capacity, poison=True)
@@ -47,7 +47,7 @@ def _steps(case: Case, layout, pre, steps, *, fa2=None, capacity=None, dtype_che
     for step in range(steps):
         rows = case.rows([p + step for p in pre])
         args = [x[rows] for x in (case.q, case.k, case.v, case.gates)]
-        got = decode_step_fast(*args, fast, case.cfg, fa2=fa2)
+        got = decode_step_fast(*args, fast, case.cfg, fa2=fa2, win=win)
         want = decode_step_batched(*args, ref, case.cfg)
         assert_close(got, want, f"fast vs decode_step_batched, step {step}", atol=ATOL)
         assert_close(got, case.want[rows], f"fast vs prefill, step {step}", atol=ATOL)
@@ -148,7 +148,7 @@ def test_fa2_branches_with_emulated_kernel(name, layout):
     telemetry.reset()
     pre, steps = [0, 3, 13, 30], 12
     case = Case(CONFIGS[name], [p + steps for p in pre], hq=8, hkv=2, seed=4)
-    _steps(case, layout, pre, steps, fa2=EMULATED, capacity=64)
+    _steps(case, layout, pre, steps, fa2=EMULATED, capacity=64, win="fa2")
     paths = _paths()
     assert paths["win"] == paths["cmp"] == {("fa2", "emulated flash_attn_with_kvcache")}, paths
     assert paths["sel"] == {("fa2", "emulated flash_attn_with_kvcache")}, paths

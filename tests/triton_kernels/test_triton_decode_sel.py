@@ -145,3 +145,33 @@ def test_win_split_launch_and_gqa(dsel, kdev, monkeypatch, programs):
     got = dsel.decode_win(q, raw, raw.cache_seqlens, cfg)
     err = (got - _torch_win(q, cache, cfg)).abs().max().item()
     assert err <= 1e-5, f"split programs={programs}: max|triton - torch| = {err:.3g}"
+
+
+# -- sel + win in one launch, gated (decode_sel_win) ------------------------------------------------
+
+@pytest.mark.parametrize("programs", [None, 8, 64])
+@pytest.mark.parametrize("layout", [pytest.param("contiguous", id="prealloc"), pytest.param(("paged", 5), id="page5")])
+@pytest.mark.parametrize("cfg", [pytest.param(TINY, id="tiny"), pytest.param(ODD, id="odd-l'24")])
+def test_sel_win_combined_equals_branches(dsel, kdev, monkeypatch, cfg, layout, programs):
+    """decode_sel_win (one launch over sel's blocks and the window's l' tiles, one merge that
+    applies the gates) equals combine_branches(gates, o_cmp, torch sel, torch win) to fp64
+    rounding, with and without splits (split targets 8 and 64 force 2 and 4 splits per branch),
+    on ragged batches with an empty sequence (output g_cmp * o_cmp there)."""
+    from nsa_ref.api import combine_branches
+
+    if programs is not None:
+        monkeypatch.setitem(dsel.TUNING, "split_programs", programs)
+    lengths = [1, cfg.window, cfg.n_sel * cfg.sel_block + 3, 150, 0]
+    cache = _cache(lengths, 2, 8, cfg, layout, 160, torch.float64, kdev, seed=11)
+    g = torch.Generator().manual_seed(12)
+    B = len(lengths)
+    q = torch.randn(B, 8, 8, generator=g, dtype=torch.float64).to(kdev)
+    o_cmp = torch.randn(B, 8, 8, generator=g, dtype=torch.float64).to(kdev)
+    gates = torch.rand(B, 8, 3, generator=g, dtype=torch.float64).to(kdev)
+    block_idx = _torch_select(q, cache, cfg)
+    raw = cache.views()[0]
+    got = dsel.decode_sel_win(q, raw, raw.cache_seqlens, block_idx, o_cmp, gates, cfg)
+    want = combine_branches(gates, o_cmp, _torch_sel(q, cache, block_idx, cfg), _torch_win(q, cache, cfg))
+    err = (got - want).abs().max().item()
+    assert err <= 1e-12, f"max|fused - branches| = {err:.3g}"
+    assert torch.allclose(got[-1], gates[-1, :, :1] * o_cmp[-1], atol=1e-15, rtol=0)

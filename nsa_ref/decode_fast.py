@@ -586,7 +586,8 @@ def advance_host_lengths(cache: NSAKVCache, n: int = 1) -> None:
     """The host lengths of both stores after ``append_static`` (n times) ran on the device."""
     lengths = [x + n for x in cache.raw.lengths]
     cache.raw.set_host_lengths(lengths)
-    cache.cmp.set_host_lengths([cache.cfg.num_cmp_blocks(x) for x in lengths])
+    l, d = cache.cfg.block_len, cache.cfg.block_stride  # cfg.num_cmp_blocks, inlined (once per step and sequence)
+    cache.cmp.set_host_lengths([0 if x < l else (x - l) // d + 1 for x in lengths])
 
 
 class CapturedDecodeStep:
@@ -614,6 +615,7 @@ class CapturedDecodeStep:
         cache.check_append(k4, v4)
         check_static_append(cache)
         self.cache, self.cfg, self.fa2, self.select, self.win = cache, cfg, fa2, select, win
+        self._room, self._seen = 0, ()
         self.q, self.k, self.v, self.g = (x[:, 0].clone() for x in (q4, k4, v4, g4))
         self.graph, self.out = None, None
         if q.is_cuda if graph is None else graph:
@@ -640,7 +642,7 @@ class CapturedDecodeStep:
                 got = (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"CapturedDecodeStep: {name} must be {tuple(buf.shape)} {buf.dtype} on {buf.device} "
                                  f"as captured, got {got}")
-        check_static_append(self.cache)
+        self._check_room()
         for x, buf in ((q, self.q), (k_new, self.k), (v_new, self.v), (gates, self.g)):
             buf.copy_(x)
         if self.graph is not None:
@@ -649,4 +651,21 @@ class CapturedDecodeStep:
         else:
             out = self._run()
         advance_host_lengths(self.cache, 1)
+        self._room -= 1
+        self._seen = self._host_state()
         return out
+
+    def _host_state(self) -> tuple:
+        """The host lists the room depends on; any cache call that changes them replaces them."""
+        cache = self.cache
+        return cache.raw.lengths, cache.raw._table, cache.cmp._table
+
+    def _check_room(self) -> None:
+        """``check_static_append`` (O(B) on the host), run only when the steps counted at the last
+        check are used up or the cache's host lists were replaced since (truncate, reset, prefill,
+        append, set_block_table): a step in a long decode loop costs O(1) on the host here."""
+        state = self._host_state()
+        if self._room > 0 and len(state) == len(self._seen) and all(a is b for a, b in zip(state, self._seen)):
+            return
+        check_static_append(self.cache)  # raises with the rule and the sequence when there is no room
+        self._room, self._seen = self.cache.steps_left(), state

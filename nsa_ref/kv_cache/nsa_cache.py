@@ -237,6 +237,18 @@ class NSAKVCache:
         if k.device != pages.device or v.device != pages.device:
             raise CacheShapeError(f"{what}: the cache lives on {pages.device}, got k on {k.device} and v on {v.device}")
 
+    def steps_left(self) -> int:
+        """One-token steps that every sequence can still take with the current tables: the largest h
+        for which ``append`` of h tokens per sequence passes the capacity and page checks of both
+        stores (compressed block counts included). O(B) on the host lists; nothing read from the device."""
+        if not self.batch_size:
+            return 0
+        l, d = self.cfg.block_len, self.cfg.block_stride
+        raw = [lim - n for lim, n in zip(self.raw.limits(), self.raw.lengths)]
+        # the compressed store holds num_cmp_blocks(n) <= c blocks for every n < c * d + l
+        cmp = [c * d + l - 1 - n for c, n in zip(self.cmp.limits(), self.raw.lengths)]
+        return max(0, min(min(raw), min(cmp)))
+
     def _check_room(self, new_lengths: Sequence[int]) -> None:
         """Both stores can take the new lengths (capacity, assigned pages): else raise."""
         self.raw.check_extend(new_lengths)

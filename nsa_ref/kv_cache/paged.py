@@ -223,6 +223,17 @@ class PagedKV:
                         "assigned); assign one with set_block_table; nothing was written"
                     )
 
+    def limits(self) -> list[int]:
+        """Per sequence: the length ``check_extend`` accepts at most now (capacity, and the first slot
+        from the current one on without a page)."""
+        P, out = self.page_size, []
+        for old, row in zip(self.lengths, self._table):
+            slot = old // P
+            while slot < len(row) and row[slot] != NO_PAGE:
+                slot += 1
+            out.append(min(self.capacity, max(slot * P, old)))
+        return out
+
     def write(self, b: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """b, pos: (N,) int, k: (N, H, Dk), v: (N, H, Dv) -> stored in place at (b, pos).
 

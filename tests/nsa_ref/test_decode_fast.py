@@ -662,3 +662,66 @@ def test_gpu_triton_selection_step_and_graph():
         args = inputs(i)
         got = step(*args).clone()
         _bf16_close(got, decode_step_batched(*args, ref, PAPER), f"graph step {i}")
+
+
+def test_steps_left_is_what_the_append_checks_allow():
+    """NSAKVCache.steps_left() = the largest h such that h more tokens per sequence pass the
+    capacity and page checks of both stores (raw and compressed), over random paged tables with
+    unassigned pages (-1) and ragged lengths; 0 when some sequence has no room."""
+    from nsa_ref.kv_cache import KVCacheError
+
+    g = torch.Generator().manual_seed(0)
+    checked = []
+    for trial in range(40):
+        P, Pc, max_pages, B = 5, 2, 6, 3
+        raw = torch.randperm(B * max_pages + 2, generator=g)[: B * max_pages].to(torch.int32).reshape(B, max_pages)
+        cut = torch.randint(1, max_pages + 1, (B,), generator=g)
+        raw[torch.arange(max_pages)[None, :] >= cut[:, None]] = -1
+        cmp = torch.randperm(B * 6 + 1, generator=g)[: B * 6].to(torch.int32).reshape(B, 6)
+        ccut = torch.randint(1, 7, (B,), generator=g)
+        cmp[torch.arange(6)[None, :] >= ccut[:, None]] = -1
+        cache = NSAKVCache.allocate_paged(raw, B * max_pages + 2, P, 1, 2, SMALL, dtype=torch.float64,
+                                          cmp_block_table=cmp, cmp_num_pages=B * 6 + 1, cmp_page_size=Pc)
+        limit = [min(int(c) * P, (int(cc) * Pc - 1) * SMALL.block_stride + SMALL.block_len) for c, cc in zip(cut, ccut)]
+        lengths = [int(torch.randint(0, max(lim, 1), (1,), generator=g)) for lim in limit]
+        lengths = [min(n, lim) for n, lim in zip(lengths, limit)]
+        if trial % 4 == 0:  # one sequence exactly at its limit: no room at all
+            lengths[trial % B] = limit[trial % B]
+        try:
+            cache._check_room(lengths)
+        except KVCacheError:
+            continue
+        cache.raw.set_lengths(lengths)
+        cache.cmp.set_lengths([SMALL.num_cmp_blocks(n) for n in lengths])
+        h = cache.steps_left()
+        checked.append(h)
+        cache._check_room([n + h for n in lengths])  # h more tokens fit
+        with pytest.raises(KVCacheError):
+            cache._check_room([n + h + 1 for n in lengths])
+    assert len(checked) >= 20 and 0 in checked and max(checked) >= 5, checked
+
+
+def test_captured_step_checks_room_once_per_span(monkeypatch):
+    """CapturedDecodeStep runs the O(B) room check once, then counts steps: 5 steps on a cache
+    with room for 6 check once; a truncate (new host lists) makes the next step check again; the
+    seventh token still raises the capacity error."""
+    from nsa_ref import decode_fast
+
+    checks = []
+    real = decode_fast.check_static_append
+    monkeypatch.setattr(decode_fast, "check_static_append", lambda c: checks.append(1) or real(c))
+    case = Case(SMALL, [20, 20])
+    cache = case.cache("contiguous", capacity=14)
+    case.prefill(cache, [8, 8])
+    args = [x[case.rows([8, 9])] for x in (case.q, case.k, case.v, case.gates)]
+    step = CapturedDecodeStep(cache, SMALL, *args, fa2=None, graph=False)
+    checks.clear()
+    for _ in range(5):
+        step(*args)
+    assert len(checks) == 1 and cache.lengths == [13, 13]
+    cache.truncate([12, 12])
+    step(*args)
+    step(*args)
+    assert len(checks) == 2 and cache.lengths == [14, 14]
+    with pytest.raises(CacheCapacityError, match="holds 14 of 14"):
+        step(*args)

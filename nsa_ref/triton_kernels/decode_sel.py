@@ -101,28 +101,31 @@ def _decode_sel_kernel(
 
 
 @triton.jit
-def _merged(PART_M, PART_L, PART_ACC, base, first, count, GP: tl.constexpr, BDV: tl.constexpr, SP: tl.constexpr):
+def _merged(PART_M, PART_L, PART_ACC, base, first, count, GP: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr):
     """Partials first .. first + count - 1 of one (b, h) (base: its first partial) -> (GP, BDV)
-    rows, 0 where nothing was visible."""
-    sp = tl.arange(0, SP)
+    rows, 0 where nothing was visible. One partial at a time (an online merge): a (splits, GP, BDV)
+    block in registers spills once there are 8 splits."""
     g = tl.arange(0, GP)
     dv = tl.arange(0, BDV)
-    use = sp < count
-    part = (base + first + sp)[:, None] * GP + g[None, :]  # (SP, GP)
-    m = tl.load(PART_M + part, mask=use[:, None], other=float("-inf"))
-    l = tl.load(PART_L + part, mask=use[:, None], other=0.0)
-    m_max = tl.max(m, 0)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_safe[None, :])  # exp(-inf) = 0 for partials that saw nothing
-    l_all = tl.sum(w * l, 0)
-    acc = tl.sum(tl.load(PART_ACC + part[:, :, None] * BDV + dv[None, None, :], mask=use[:, None, None], other=0.0)
-                 * w[:, :, None], 0)
+    m_all = tl.full([GP], float("-inf"), ACC)
+    l_all = tl.zeros([GP], ACC)
+    acc = tl.zeros([GP, BDV], ACC)
+    for sp in range(count):
+        part = (base + first + sp) * GP + g
+        m = tl.load(PART_M + part)
+        m_new = tl.maximum(m_all, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp(m_all - m_safe)  # exp(-inf) = 0: nothing seen yet / by this partial
+        a_new = tl.exp(m - m_safe)
+        l_all = l_all * a_old + tl.load(PART_L + part) * a_new
+        acc = acc * a_old[:, None] + tl.load(PART_ACC + part[:, None] * BDV + dv[None, :]) * a_new[:, None]
+        m_all = m_new
     return tl.where(l_all[:, None] > 0, acc / tl.where(l_all > 0, l_all, 1.0)[:, None], 0.0)
 
 
 @triton.jit
 def _merge_kernel(PART_M, PART_L, PART_ACC, OCMP, GATES, OUT, so_b, so_h, sc_b, sc_h, sg_b, sg_h, G, Dv,
-                  s_sel, s_win, GP: tl.constexpr, BDV: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr):
+                  s_sel, s_win, GP: tl.constexpr, BDV: tl.constexpr, ACC: tl.constexpr, COMBINE: tl.constexpr):
     """(b, h): COMBINE: out = g_cmp * o_cmp + g_sel * merge(sel partials) + g_win * merge(win
     partials), in the accumulation dtype, rounded once; else out = merge of all s_sel + s_win partials
     (one branch)."""
@@ -134,8 +137,8 @@ def _merge_kernel(PART_M, PART_L, PART_ACC, OCMP, GATES, OUT, so_b, so_h, sc_b, 
     head = kvh * G + g
     mask = (g < G)[:, None] & (dv < Dv)[None, :]
     if COMBINE:
-        o_sel = _merged(PART_M, PART_L, PART_ACC, base, 0, s_sel, GP, BDV, SP)
-        o_win = _merged(PART_M, PART_L, PART_ACC, base, s_sel, s_win, GP, BDV, SP)
+        o_sel = _merged(PART_M, PART_L, PART_ACC, base, 0, s_sel, GP, BDV, ACC)
+        o_win = _merged(PART_M, PART_L, PART_ACC, base, s_sel, s_win, GP, BDV, ACC)
         o_cmp = tl.load(OCMP + b.to(tl.int64) * sc_b + head[:, None] * sc_h + dv[None, :], mask=mask, other=0.0)
         gate = GATES + b.to(tl.int64) * sg_b + head * sg_h
         g_cmp = tl.load(gate, mask=g < G, other=0.0).to(o_sel.dtype)
@@ -143,7 +146,7 @@ def _merge_kernel(PART_M, PART_L, PART_ACC, OCMP, GATES, OUT, so_b, so_h, sc_b, 
         g_win = tl.load(gate + 2, mask=g < G, other=0.0).to(o_sel.dtype)
         out = g_cmp[:, None] * o_cmp.to(o_sel.dtype) + g_sel[:, None] * o_sel + g_win[:, None] * o_win
     else:
-        out = _merged(PART_M, PART_L, PART_ACC, base, 0, s_sel + s_win, GP, BDV, SP)
+        out = _merged(PART_M, PART_L, PART_ACC, base, 0, s_sel + s_win, GP, BDV, ACC)
     tl.store(OUT + b.to(tl.int64) * so_b + head[:, None] * so_h + dv[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -265,8 +268,7 @@ def _launch(q: torch.Tensor, raw: "PagedView", seqlens: torch.Tensor, cfg: "NSAC
         gt = gates if combine else out
         _merge_kernel[(B, Hkv)](pm, pl, pacc, oc, gt, out, out.stride(0), out.stride(1), oc.stride(0), oc.stride(1),
                                 gt.stride(0), gt.stride(1), Hq // Hkv, Dv, s_sel if combine else programs,
-                                s_win if combine else 0, GP=GP, BDV=BDV, SP=next_pow2(max(s_sel, s_win, programs if not combine else 1)),
-                                COMBINE=combine, num_warps=4)
+                                s_win if combine else 0, GP=GP, BDV=BDV, ACC=tl_acc(q.dtype), COMBINE=combine, num_warps=4)
     return out
 
 

@@ -8,8 +8,8 @@ Per (B, T) on a preallocated cache filled to T (bf16, Hq 64 / Hkv 4 / D 128, pap
 
     win      Triton ``decode_win`` at split targets (programs per SM) vs FA-2's windowed kvcache call
     cmp      FA-2 kvcache over the compressed cache at ``num_splits`` 0 (FA-2's heuristic), 1, 2, 4, 8
-    select   Triton ``decode_select`` at CMP_TILE 64 / 128 / 256 and split targets
-    sel      Triton ``decode_sel`` at split targets
+    select   Triton ``decode_select`` at CMP_TILE 64 / 128 / 256 and split targets, then warps / stages
+    sel      Triton ``decode_sel`` at split targets; ``decode_sel_win`` (sel + win + gates) at warps / stages
 
 CUDA events around a CUDA graph of 20 launches (the way the step runs), warm-up, median of
 ``--iters`` replays, each setting checked against the default
@@ -130,6 +130,13 @@ def main(argv=None) -> list[dict]:
                     add(B, T, "select", f"tile {tile} split {per_sm or 'default'}/SM", ms,
                         round(float((idx != ref_idx).float().mean()), 5))
             dselect.CMP_TILE, dselect.TUNING["split_programs"] = 64, None
+            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (2, 3)):
+                dselect.TUNING.update(num_warps=warps, num_stages=stages)
+                idx = dselect.decode_select(q, cmp, seqlens, cfg, width=width, lse=lse, num_sel=num_sel)
+                ms = median_ms(lambda: dselect.decode_select(q, cmp, seqlens, cfg, width=width, lse=lse,
+                                                             num_sel=num_sel), args.warmup, args.iters)
+                add(B, T, "select", f"warps {warps} stages {stages}", ms, round(float((idx != ref_idx).float().mean()), 5))
+            dselect.TUNING.update(num_warps=4, num_stages=2)
             # sel
             base = dsel.decode_sel(q, raw, seqlens, ref_idx, cfg)
             for per_sm in (None, 1, 4, 8):
@@ -139,6 +146,12 @@ def main(argv=None) -> list[dict]:
                 add(B, T, "sel", f"triton split target {per_sm or 'default'}/SM", ms,
                     round(float((got.float() - base.float()).abs().max()), 5))
             dsel.TUNING["split_programs"] = None
+            gates = torch.rand(B, 64, 3, device=dev, dtype=dt, generator=gen)
+            for warps, stages in ((4, 2), (4, 3), (8, 2), (2, 2)):
+                dsel.TUNING.update(num_warps=warps, num_stages=stages)
+                ms = median_ms(lambda: dsel.decode_sel_win(q, raw, seqlens, ref_idx, q, gates, cfg), args.warmup, args.iters)
+                add(B, T, "sel+win", f"warps {warps} stages {stages}", ms, 0.0)
+            dsel.TUNING.update(num_warps=4, num_stages=2)
             del cache
             torch.cuda.empty_cache()
     with open(out / "decode_tune.csv", "w", newline="") as f:

@@ -56,9 +56,11 @@ if TYPE_CHECKING:
 CMP_TILE = 64
 #: Widest head dim the kernel takes (``nsa_ref.backends.triton``'s limit).
 MAX_HEAD_DIM = 256
-#: split_programs: None = two programs per SM on a GPU, one program per (b, h) elsewhere; an int
-#: forces that target (tests run the split path on the interpreter with it).
-TUNING = {"num_warps": 4, "num_stages": 2, "split_programs": None, "programs_per_sm": 8}
+#: split_programs: None = ``programs_per_sm`` programs per SM on a GPU, one program per (b, h)
+#: elsewhere; an int forces that target (tests run the split path on the interpreter with it).
+#: warps / stages: 2 / 3 measured fastest on the H200 at 64K (B 16: 43.5 us vs 53.0 at 4 / 2;
+#: B 64: 131.5 vs 164.8; decode_tune.py, artifacts/2026-12-03/decode_h200_session4).
+TUNING = {"num_warps": 2, "num_stages": 3, "split_programs": None, "programs_per_sm": 8}
 
 
 @triton.jit

@@ -69,8 +69,11 @@ def reset() -> None:
 
 @contextmanager
 def timed(branch: str, path: str, q, enabled: bool) -> Iterator[None]:
-    """Log path, shape and dtype of one branch call; on CUDA also its CUDA-event time in ms."""
-    if not enabled:
+    """Log path, shape and dtype of one branch call; on CUDA also its CUDA-event time in ms. Not
+    inside a graph torch.compile traces (as ``record``): a time there would be the trace's, and the
+    lock and events would break the graph (settings read eagerly with NSA_DEBUG_TIMING=1 stand in
+    a later trace)."""
+    if not enabled or _compiling():
         yield
         return
     import torch

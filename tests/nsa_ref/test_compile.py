@@ -26,6 +26,18 @@ def test_no_graph_break(backend):
     assert explained.graph_break_count == 0, f"{explained.graph_break_count} graph breaks: {reasons}"
 
 
+def test_no_graph_break_with_debug_timing_read_eagerly(monkeypatch):
+    """NSA_DEBUG_TIMING=1 read by an eager call stays in force for a later trace (the settings last
+    read stand there): the timing context is skipped inside the trace, so it breaks no graph."""
+    from nsa_ref.settings import current_settings
+
+    monkeypatch.setenv("NSA_DEBUG_TIMING", "1")
+    assert current_settings().debug_timing
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(nsa_attention)(*_inputs(), CFG, None, "sdpa")
+    assert explained.graph_break_count == 0, [r.reason.splitlines()[0] for r in explained.break_reasons]
+
+
 @pytest.mark.parametrize("backend", ["auto", "sdpa"])
 def test_fullgraph_matches_eager(backend):
     torch._dynamo.reset()

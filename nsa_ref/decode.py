@@ -57,7 +57,8 @@ def decode_step(
     "fa2"         ``decode_step_fast(fa2="auto", select="torch",      ``router.FA2Unavailable``: no
                   win="fa2")``: win, cmp and sel on FA-2 kvcache      FA-2 kvcache kernel resolves
                                                                       or q is not on CUDA
-    "triton"      ``decode_step_fast(fa2="auto", select="triton")``    ``router.TritonUnavailable``:
+    "triton"      ``decode_step_fast(fa2="auto", select="triton",     ``router.TritonUnavailable``:
+                  win="triton")``
                                                                       the Triton decode kernels
                                                                       cannot run (CPU without
                                                                       TRITON_INTERPRET=1)
@@ -92,7 +93,7 @@ def decode_step(
         _require_fa2(q4)
         return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="torch", win="fa2")
     _require_triton(q4[:, -1], cache)
-    return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="triton")
+    return decode_step_fast(q, k, v, gates, cache, cfg, fa2="auto", validate=validate, select="triton", win="triton")
 
 
 def _require_fa2(q: torch.Tensor) -> None:
@@ -108,10 +109,10 @@ def _require_fa2(q: torch.Tensor) -> None:
 
 
 def _require_triton(q: torch.Tensor, cache: NSAKVCache) -> None:
-    """q: (B, Hq, Dk). Raise ``router.TritonUnavailable`` unless both Triton decode kernels
-    (selection over the compressed pages, sel over the raw pages) can take q and the cache."""
+    """q: (B, Hq, Dk). Raise ``router.TritonUnavailable`` unless the Triton decode kernels
+    (selection over the compressed pages, sel and win over the raw pages) can take q and the cache."""
     raw, cmp = cache.views()
-    for branch, store in (("select", cmp), ("sel", raw)):
+    for branch, store in (("select", cmp), ("sel", raw), ("win", raw)):
         try:
             select_path("triton", q, store, branch)
         except RuntimeError as e:

@@ -58,8 +58,7 @@ def decode_step(
                   win="fa2")``: win, cmp and sel on FA-2 kvcache      FA-2 kvcache kernel resolves
                                                                       or q is not on CUDA
     "triton"      ``decode_step_fast(fa2="auto", select="triton",     ``router.TritonUnavailable``:
-                  win="triton")``
-                                                                      the Triton decode kernels
+                  win="triton")``                                    the Triton decode kernels
                                                                       cannot run (CPU without
                                                                       TRITON_INTERPRET=1)
     ============  ==================================================  ==============================

@@ -30,4 +30,5 @@ __all__ = [
     "win_attention",
 ]
 from nsa_ref.decode_batched import decode_step_batched  # noqa: E402  batched decode (Documentation/Architecture/Decode.md)
-from nsa_ref.decode_fast import CapturedDecodeStep, decode_step_fast  # noqa: E402  fast decode step, CUDA-graph capturable (Decode.md)
+from nsa_ref.decode_fast import decode_step_fast  # noqa: E402  fast decode step (Decode.md)
+from nsa_ref.decode_graph import CapturedDecodeStep  # noqa: E402  the fast step as one CUDA graph (Decode.md)

@@ -1,9 +1,12 @@
 """The fast batched NSA decode step: static shapes, no host read after the append, FA-2 kvcache
-for win and cmp where a provider has it.
+for win and cmp where a provider has it, Triton decode kernels where they run. This module holds
+the step and its path choices; the torch ops it falls back to are in ``nsa_ref.decode_torch_path``,
+the device-side append and the whole step as one CUDA graph in ``nsa_ref.decode_graph``.
 
-    decode_step_fast(q, k_new, v_new, gates, cache, cfg, fa2="auto", validate="values", select="auto")
+    decode_step_fast(q, k_new, v_new, gates, cache, cfg, fa2="auto", validate="values", select="auto",
+                     win="auto")
         checks (those of ``decode_step_batched``), appends, then ``decode_attend_fast``
-    decode_attend_fast(q, gates, cache, cfg, fa2="auto", select="auto")
+    decode_attend_fast(q, gates, cache, cfg, fa2="auto", select="auto", win="auto")
         the branches for the last token of every sequence: the part a CUDA graph captures
 
 It computes what ``nsa_ref.decode_batched.decode_step_batched`` (the plain-torch reference, itself
@@ -20,25 +23,28 @@ decoding) goes to that reference. What makes it capturable in a CUDA graph at fi
 
 Per branch (telemetry records the path, "fa2", "triton" or "torch", and the reason, once per step):
 
-    win  FA-2 ``flash_attn_with_kvcache`` with ``decode_kvcache_calls.win_call`` (causal, window
-         (w - 1, 0)); else w gathered slots and a masked softmax (fp32 for 16-bit inputs)
+    win  (``win_branch_fast``; ``win="auto"``) Triton ``decode_sel.decode_win`` where it runs
+         (one launch with sel, ``decode_sel_win``, when sel runs on Triton too); else FA-2
+         ``flash_attn_with_kvcache`` with ``decode_kvcache_calls.win_call`` (causal, window
+         (w - 1, 0)); else w gathered slots and a masked softmax (fp32 for 16-bit inputs,
+         ``decode_torch_path.win_torch``)
     cmp  FA-2 with ``cmp_call`` and ``return_softmax_lse=True``, then a scoring pass
          p = exp(scale * q.k_cmp - lse) in fp32; else the masked softmax over the compressed
-         slots (which gives p directly)
+         slots (which gives p directly; ``decode_torch_path.cmp_torch``)
     select  Triton (``select="auto"`` where ``triton_kernels.decode_select.refusal`` finds nothing:
          CUDA sm80+, or the CPU interpreter in fp32/fp64): ONE launch of
          ``decode_select`` per step, grid (B, Hkv), from cmp's lse (FA-2) or its own lse pass
          (torch cmp path), lengths read on the device. Else torch: overlap-weighted block scores
-         (``block_scores_banded``: the 1,2,2,2,1 band of ``masks.selection_weights`` as a
-         gather, equal to ``selection.block_scores``), then ``selection.top_blocks`` (forced
-         initial / local blocks, ties to the lower index). Both give the same blocks up to
-         near-ties of the scores (fp32 summation order).
+         (``decode_torch_path.block_scores_banded``: the 1,2,2,2,1 band of
+         ``masks.selection_weights`` as a gather, equal to ``selection.block_scores``), then
+         ``selection.top_blocks`` (forced initial / local blocks, ties to the lower index). Both
+         give the same blocks up to near-ties of the scores (fp32 summation order).
     sel  Triton (the same ``select`` choice, ``triton_kernels.decode_sel``): one launch, grid
          (B, Hkv), the selected blocks read straight from the paged raw cache (no gather). Else:
          the selected blocks' n_sel * l' token slots gathered from the paged raw cache (-1 and
-         s > t masked; the visible ones are a prefix), then FA-2 kvcache over them with batch =
-         (sequence, KV head) and cache_seqlens = the visible count (``sel_call``); else the
-         masked softmax (fp32 for 16-bit inputs)
+         s > t masked; the visible ones are a prefix; ``decode_torch_path.sel_gather``), then
+         FA-2 kvcache over them with batch = (sequence, KV head) and cache_seqlens = the visible
+         count (``sel_call``); else the masked softmax (fp32 for 16-bit inputs)
 
 The FA-2 kvcache kernel: ``fa2="auto"`` takes ``nsa_ref.fa2.resolve_provider("auto")`` and its
 ``kvcache`` entry if it has one, else ``flash_attn.flash_attn_with_kvcache`` when that provider
@@ -46,8 +52,10 @@ is the flash_attn package (torch's built-in FA-2 has no kvcache entry: the torch
 ``fa2=None`` forces the torch path; a callable with ``flash_attn_with_kvcache``'s signature is
 used as the kernel (tests pass an emulation). A call runs only where ``contracts.kvcache_reasons``
 (meta mode) accepts it; the verdict is memoised per call geometry, so it costs nothing per step.
-The append itself (``NSAKVCache.append``) runs on the host lists of the cache and is outside
-the capturable part (Documentation/Architecture/Decode.md).
+The append of ``decode_step_fast`` (``NSAKVCache.append``) runs on the host lists of the cache
+and is outside the capturable part; ``nsa_ref.decode_graph`` appends on the device
+(``append_static``) and captures append + ``decode_attend_fast`` as one CUDA graph
+(``CapturedDecodeStep``; Documentation/Architecture/Decode.md).
 """
 from __future__ import annotations
 
@@ -62,6 +70,16 @@ from nsa_ref.api import combine_branches
 from nsa_ref.config import NSAConfig
 from nsa_ref.decode_batched import check_step_inputs, decode_step_batched
 from nsa_ref.decode_kvcache_calls import cmp_call, win_call
+from nsa_ref.decode_torch_path import (
+    attend_fixed,
+    block_scores_banded,
+    cmp_probs_from_lse,
+    cmp_torch,
+    cmp_width,
+    sel_call,
+    sel_gather,
+    win_torch,
+)
 from nsa_ref.kv_cache import NSAKVCache, PagedView
 
 WHO = "decode_step_fast"
@@ -157,45 +175,6 @@ def _usable(kernel: KVCacheKernel | None, why: str, call: dict) -> tuple[bool, s
     return True, f"{kernel.name} flash_attn_with_kvcache"
 
 
-# -- torch pieces (static shapes, no host reads) --------------------------------------------------
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for 16-bit inputs, else the input's."""
-    return selection.score_dtype(dtype)
-
-
-def attend_fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Hq, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv), valid (B, Hkv or 1, S) bool ->
-    (out (B, Hq, Dv) in q's dtype, p (B, Hq, S) in the accumulation dtype). Masked entries of k
-    and v must be finite (``PagedView.gather`` gives exact zeros). Rows with no visible key: 0."""
-    B, Hq, Dk = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    acc = _acc(q.dtype)
-    qg = q.reshape(B, Hkv, Hq // Hkv, Dk).to(acc)
-    scores = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (B, Hkv, G, S)
-    hidden = ~valid[:, :, None, :]  # a row with nothing visible: softmax NaN -> masked to 0
-    p = torch.softmax(scores.masked_fill(hidden, -torch.inf), dim=-1).masked_fill(hidden, 0.0)
-    out = torch.matmul(p, v.to(acc))  # (B, Hkv, G, Dv)
-    return out.reshape(B, Hq, v.shape[-1]).to(q.dtype), p.reshape(B, Hq, S)
-
-
-def _arange_b(view: PagedView, dims: int) -> torch.Tensor:
-    B = view.block_table.shape[0]
-    return torch.arange(B, device=view.block_table.device).reshape(B, *([1] * dims))
-
-
-def win_torch(q: torch.Tensor, t: torch.Tensor, raw: PagedView, cfg: NSAConfig) -> torch.Tensor:
-    """q (B, Hq, Dk) at positions t (B,) int64 -> o_win (B, Hq, Dv): a fixed min(w, capacity)
-    slots ending at t, those before position 0 masked (``masks.win_visible``)."""
-    width = min(cfg.window, raw.capacity)
-    s = t[:, None] - width + 1 + torch.arange(width, device=q.device)  # (B, W)
-    valid = s >= 0
-    k, v = raw.gather(_arange_b(raw, 1), s, valid)  # (B, W, Hkv, D)
-    return attend_fixed(q, k.transpose(1, 2), v.transpose(1, 2), valid[:, None, :],
-                        cfg.softmax_scale(q.shape[-1]))[0]
-
-
 def cmp_splits(kernel: KVCacheKernel | None, programs: int, device: torch.device) -> int:
     """``num_splits`` of the cmp call: 2 where B * Hkv fills the GPU's SMs (FA-2's heuristic then
     takes 1 split; H200, B 64 x Hkv 4 over 4K compressed keys: 210 -> 142 us, decode_tune.py),
@@ -205,134 +184,6 @@ def cmp_splits(kernel: KVCacheKernel | None, programs: int, device: torch.device
     from nsa_ref.triton_kernels.layout import sm_count
 
     return 2 if programs >= sm_count(device.index if device.index is not None else torch.cuda.current_device()) else 0
-
-
-def cmp_width(raw: PagedView, cmp: PagedView, cfg: NSAConfig) -> int:
-    """Compressed slots the step reads: what the capacity can ever emit (static)."""
-    return min(cmp.capacity, cfg.num_cmp_blocks(raw.capacity))
-
-
-def cmp_keys(cmp: PagedView, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (k (B, Hkv, Tc, Dk), v (B, Hkv, Tc, Dv), emitted (B, Tc) bool) over ``width`` slots;
-    slots not emitted yet are exact zeros."""
-    i = torch.arange(width, device=cmp.k_pages.device)
-    emitted = i[None, :] < cmp.cache_seqlens[:, None]
-    k, v = cmp.gather(_arange_b(cmp, 1), i[None, :], emitted)  # (B, Tc, Hkv, D)
-    return k.transpose(1, 2), v.transpose(1, 2), emitted
-
-
-def cmp_torch(q: torch.Tensor, cmp: PagedView, width: int, cfg: NSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o_cmp (B, Hq, Dv), p_cmp (B, Hq, Tc) fp32 for 16-bit inputs): with one query per
-    sequence every emitted block is visible (``masks.cmp_block_visible`` at t = length - 1)."""
-    k, v, emitted = cmp_keys(cmp, width)
-    return attend_fixed(q, k, v, emitted[:, None, :], cfg.softmax_scale(q.shape[-1]))
-
-
-_OUT_DTYPE_BMM = [True]  # torch.bmm(..., out_dtype=fp32) on CUDA 16-bit inputs; False once refused
-
-
-def scores_fp32(qg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """qg (B, Hkv, G, D), k (B, Tc, Hkv, D) (a page pool read in place) -> q.k (B, Hkv, G, Tc) in
-    the accumulation dtype. On CUDA with 16-bit inputs: one bmm per KV head over k's strided
-    view, accumulated and written in fp32 (``out_dtype``), so k is neither copied nor upcast;
-    elsewhere (or where torch refuses ``out_dtype``) both are upcast first."""
-    acc = _acc(qg.dtype)
-    if acc != qg.dtype and qg.is_cuda and _OUT_DTYPE_BMM[0]:
-        try:
-            return torch.stack([torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2), out_dtype=acc)
-                                for h in range(k.shape[2])], dim=1)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_BMM[0] = False
-    return torch.matmul(qg.to(acc), k.to(acc).permute(0, 2, 3, 1))
-
-
-def cmp_probs_from_lse(q: torch.Tensor, lse: torch.Tensor, cmp: PagedView, width: int, cfg: NSAConfig) -> torch.Tensor:
-    """The scoring pass after an FA-2 cmp call: p = exp(scale * q.k_cmp - lse) over the emitted
-    slots, 0 elsewhere (and where lse is FA-2's +inf of an empty row), in the accumulation dtype.
-    q (B, Hq, Dk), lse (B, Hq) fp32 -> p (B, Hq, Tc). The elementwise steps run in place."""
-    B, Hq, Dk = q.shape
-    acc = _acc(q.dtype)
-    if cmp.dense:  # the pool is (B, Tc_pool, Hkv, D): read it in place, mask afterwards
-        i = torch.arange(width, device=q.device)
-        emitted = i[None, :] < cmp.cache_seqlens[:, None]
-        k = cmp.k_pages[:, :width]
-    else:
-        k, _, emitted = cmp_keys(cmp, width)
-        k = k.transpose(1, 2)
-    Hkv = k.shape[2]
-    s = scores_fp32(q.reshape(B, Hkv, Hq // Hkv, Dk), k)  # (B, Hkv, G, Tc)
-    s.mul_(cfg.softmax_scale(Dk)).sub_(lse.to(acc).reshape(B, Hkv, Hq // Hkv, 1)).exp_()
-    return s.masked_fill_(~emitted[:, None, None, :], 0.0).reshape(B, Hq, width)  # also NaN of unwritten slots
-
-
-_bands: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def selection_band(num_cmp: int, num_sel: int, cfg: NSAConfig, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nonzero band of ``masks.selection_weights`` -> (idx (num_sel, taps) int64 into the
-    compressed blocks, num_cmp for padding; w (num_sel, taps) the overlap weights, 0 for padding).
-    Selection block j overlaps the compressed blocks i with i*d < (j+1)*l' and i*d + l > j*l'.
-    Built on the host once per geometry and kept on the device (memoised)."""
-    key = (num_cmp, num_sel, cfg.block_len, cfg.block_stride, cfg.sel_block, dtype, str(device))
-    band = _bands.get(key)
-    if band is None:
-        l, d, lp = cfg.block_len, cfg.block_stride, cfg.sel_block
-        j = torch.arange(num_sel)
-        lo_i = torch.div(j * lp - l, d, rounding_mode="floor").add(1).clamp_min(0)
-        hi_i = torch.div((j + 1) * lp - 1, d, rounding_mode="floor")
-        taps = max((((jj + 1) * lp - 1) // d - max(0, (jj * lp - l) // d + 1) + 1 for jj in range(num_sel)), default=0)
-        idx = lo_i[:, None] + torch.arange(taps)
-        ok = (idx <= hi_i[:, None]) & (idx < num_cmp)
-        lo = torch.maximum(idx * d, j[:, None] * lp)
-        hi = torch.minimum(idx * d + l, (j[:, None] + 1) * lp)
-        w = torch.where(ok, (hi - lo).clamp(min=0).to(dtype) / d, torch.zeros((), dtype=dtype))
-        band = (torch.where(ok, idx, num_cmp).to(device), w.to(device))
-        _bands[key] = band
-    return band
-
-
-def block_scores_banded(p_cmp: torch.Tensor, n_kv_heads: int, num_sel: int, cfg: NSAConfig) -> torch.Tensor:
-    """p_cmp (B, Hq, Tc) -> p_slc (B, Hkv, num_sel): ``selection.block_scores`` (overlap weights,
-    sum over the G query heads of a KV head) with only the band's few taps per block instead of a
-    (Tc, num_sel) matmul."""
-    B, Hq, Tc = p_cmp.shape
-    idx, w = selection_band(Tc, num_sel, cfg, p_cmp.dtype, p_cmp.device)
-    per_kv = p_cmp.reshape(B, n_kv_heads, Hq // n_kv_heads, Tc).sum(dim=2)
-    padded = torch.nn.functional.pad(per_kv, (0, 1))  # column Tc: the padding taps read 0
-    taps = padded[..., idx.reshape(-1)].reshape(B, n_kv_heads, *idx.shape)
-    return (taps * w).sum(-1)
-
-
-def sel_gather(t: torch.Tensor, block_idx: torch.Tensor, raw: PagedView, cfg: NSAConfig
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t (B,), block_idx (B, Hkv, n_sel) int32 -> (k (B, Hkv, K, Dk), v (B, Hkv, K, Dv), valid
-    (B, Hkv, K) bool), K = n_sel * l': the token slots of the selected blocks read from the paged
-    raw cache, -1 entries and s > t masked (``masks.causal_visible``), masked slots exact zeros.
-
-    The visible slots are a prefix of the K: blocks are sorted with the -1 padding last
-    (``selection.top_blocks``), and only the current block c = t // l', the largest candidate, holds
-    tokens s > t."""
-    B, Hkv, n_sel = block_idx.shape
-    lp = cfg.sel_block
-    dev = block_idx.device
-    s = block_idx.long()[..., None] * lp + torch.arange(lp, device=dev)  # (B, Hkv, n_sel, l')
-    valid = (block_idx >= 0)[..., None] & (s <= t[:, None, None, None])
-    s, valid = s.reshape(B, Hkv, n_sel * lp), valid.reshape(B, Hkv, n_sel * lp)
-    head = torch.arange(Hkv, device=dev)[None, :, None]
-    k, v = raw.gather(_arange_b(raw, 2), s, valid, head)  # (B, Hkv, K, D)
-    return k, v, valid
-
-
-def sel_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, cfg: NSAConfig) -> dict:
-    """The sel branch as one ``flash_attn_with_kvcache`` call over the gathered slots: batch =
-    (sequence, KV head), its G query heads as one query row each, keys = the K gathered slots, of
-    which the first ``valid.sum()`` are visible (a prefix, see ``sel_gather``) -> cache_seqlens.
-    q (B, Hq, Dk), k (B, Hkv, K, Dk), v (B, Hkv, K, Dv), valid (B, Hkv, K) -> the call's kwargs."""
-    B, Hq, Dk = q.shape
-    Hkv, K = k.shape[1], k.shape[2]
-    return dict(q=q.reshape(B * Hkv, 1, Hq // Hkv, Dk), k_cache=k.reshape(B * Hkv, K, 1, Dk),
-                v_cache=v.reshape(B * Hkv, K, 1, v.shape[-1]), cache_seqlens=valid.sum(-1, dtype=torch.int32).reshape(-1),
-                block_table=None, softmax_scale=cfg.softmax_scale(Dk), causal=False, window_size=(-1, -1))
 
 
 # -- the selection path ---------------------------------------------------------------------------
@@ -429,7 +280,7 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
     ``cache`` (position cache_seqlens - 1; append first). Inputs are assumed checked
     (``decode_step_fast`` does it). Static shapes, no host read: capturable in a CUDA graph once
     the FA-2 verdicts are memoised (run it eagerly once first). ``select``: see ``select_path``;
-    ``win``: see ``win_path``."""
+    ``win``: see ``win_branch_fast``."""
     raw, cmp = cache.views()
     B, Hq, Dk = q.shape
     Hkv = raw.k_pages.shape[2]
@@ -515,157 +366,3 @@ def decode_step_fast(
     cache.append(k4, v4)  # the cache's own checks first; raises before writing
     out = decode_attend_fast(q4[:, 0], g4[:, 0], cache, cfg, fa2=fa2, select=select, win=win)
     return out if single else out[:, None]
-
-
-# -- the append on the device, and the whole step in a CUDA graph ---------------------------------
-
-def check_static_append(cache: NSAKVCache) -> None:
-    """Refuse (``KVCacheError``, nothing written) a cache ``append_static`` cannot serve: one
-    without a page for compressed slot 0 of some sequence (the slot a sequence with no block yet
-    rewrites), or whose next token has no room (``NSAKVCache.check_append``'s capacity and page
-    rules, on the host lengths)."""
-    from nsa_ref.kv_cache import NO_PAGE, KVCacheError
-
-    cmp, cfg = cache.cmp, cache.cfg
-    if cfg.num_cmp_blocks(cache.raw.capacity) and cmp.max_pages and any(row[0] == NO_PAGE for row in cmp._table):
-        raise KVCacheError("append_static: every sequence needs a page for compressed slot 0 (a sequence "
-                           "with no block yet rewrites it); assign one with set_block_table")
-    cache._check_room([x + 1 for x in cache.raw.lengths])
-
-
-def append_static(cache: NSAKVCache, k_new: torch.Tensor, v_new: torch.Tensor, fused: str = "auto") -> None:
-    """k_new (B, Hkv, Dk), v_new (B, Hkv, Dv) -> one token appended to every sequence with device
-    ops only (capturable: fixed shapes, no host read or copy). ``fused="auto"``: one Triton launch
-    (``triton_kernels.decode_append``) where it runs (CUDA sm80+ or the interpreter, the mean phi);
-    else, or with ``fused="torch"``, the torch ops below. The raw token goes to position
-    cache_seqlens[b]; then the LAST compressed block of every sequence is recomputed from the raw
-    pages and written unconditionally (rewriting an emitted block gives the same bytes; a sequence
-    with no block yet writes an unemitted slot 0, which nothing reads); the compressed
-    ``cache_seqlens`` becomes ``cfg.num_cmp_blocks`` of the new lengths, on the device.
-
-    The host lengths are NOT advanced (a replayed graph runs no Python): call
-    ``advance_host_lengths(cache, 1)`` after it, and ``check_static_append`` before it (inputs
-    are not checked here)."""
-    if fused not in ("auto", "torch"):
-        raise ValueError(f"fused={fused!r}: 'auto' or 'torch'")
-    if fused == "auto" and _fused_append_refusal(cache, k_new) is None:
-        from nsa_ref.triton_kernels.decode_append import decode_append
-
-        decode_append(cache, k_new.detach(), v_new.detach())
-        return
-    raw, cmp, cfg = cache.raw, cache.cmp, cache.cfg
-    B = raw.batch_size
-    dev = raw.k_pages.device
-    b = torch.arange(B, device=dev)
-    pos = raw.cache_seqlens.long()
-    raw.write(b, pos, k_new.detach(), v_new.detach())
-    raw.cache_seqlens.add_(1)
-    tc = cfg.num_cmp_blocks(pos + 1)  # (B,) blocks after the append
-    if cfg.num_cmp_blocks(raw.capacity) and cmp.max_pages:
-        last = (tc - 1).clamp_min(0)
-        tokens = last[:, None] * cfg.block_stride + torch.arange(cfg.block_len, device=dev)  # (B, l)
-        has = (tc > 0)[:, None].expand(B, cfg.block_len)
-        k_blk, v_blk = raw.view().gather(b[:, None], tokens, has)  # zeros for a sequence with no block
-        cmp.write(b, last, cache.phi_k(k_blk), cache.phi_v(v_blk))
-    cmp.cache_seqlens.copy_(tc)
-
-
-def _fused_append_refusal(cache: NSAKVCache, k_new: torch.Tensor) -> str | None:
-    """Why ``append_static`` keeps its torch ops for this cache (None: the Triton append runs)."""
-    from nsa_ref.triton_kernels import unavailable_reason
-
-    why = unavailable_reason(k_new)  # before importing Triton
-    if why is None:
-        from nsa_ref.triton_kernels.decode_append import refusal
-
-        why = refusal(cache, k_new)
-    return why
-
-
-def advance_host_lengths(cache: NSAKVCache, n: int = 1) -> None:
-    """The host lengths of both stores after ``append_static`` (n times) ran on the device."""
-    lengths = [x + n for x in cache.raw.lengths]
-    cache.raw.set_host_lengths(lengths)
-    l, d = cache.cfg.block_len, cache.cfg.block_stride  # cfg.num_cmp_blocks, inlined (once per step and sequence)
-    cache.cmp.set_host_lengths([0 if x < l else (x - l) // d + 1 for x in lengths])
-
-
-class CapturedDecodeStep:
-    """A whole decode step for a fixed batch, append included, as one CUDA graph.
-
-        step = CapturedDecodeStep(cache, cfg, q, k_new, v_new, gates)   # example inputs: shapes
-        out = step(q, k_new, v_new, gates)   # copy into the static inputs, replay, advance host lengths
-
-    ``__call__`` checks the shapes and the room for one more token on the host (no device read),
-    copies the inputs into the static buffers, runs ``append_static`` + ``decode_attend_fast``
-    (replayed on CUDA; eagerly elsewhere, the same code) and returns the static output (overwritten
-    by the next call: copy it to keep it). Gates are not range-checked. Building it on CUDA runs
-    one warm-up step on a side stream (memos, kernels), rolls that token back (``truncate``) and
-    captures; ``graph=False`` runs the same code eagerly (CPU, tests). ``fa2``, ``select`` and ``win``
-    as in ``decode_step_fast``. Tables must not change while it is in use (``set_block_table`` copies
-    in place, so a table change keeps the addresses, but the FA-2 verdict was taken for the old
-    layout)."""
-
-    def __init__(self, cache: NSAKVCache, cfg: NSAConfig, q: torch.Tensor, k_new: torch.Tensor,
-                 v_new: torch.Tensor, gates: torch.Tensor, *, fa2: Any = "auto", select: str = "auto",
-                 win: str = "auto", graph: bool | None = None):
-        q4, k4, v4, g4, _ = check_step_inputs(q, k_new, v_new, gates, cache, cfg, "shapes", who="CapturedDecodeStep")
-        if q4.shape[1] != 1:
-            raise ValueError(f"CapturedDecodeStep: one token per sequence, got n={q4.shape[1]}")
-        cache.check_append(k4, v4)
-        check_static_append(cache)
-        self.cache, self.cfg, self.fa2, self.select, self.win = cache, cfg, fa2, select, win
-        self._room, self._seen = 0, ()
-        self.q, self.k, self.v, self.g = (x[:, 0].clone() for x in (q4, k4, v4, g4))
-        self.graph, self.out = None, None
-        if q.is_cuda if graph is None else graph:
-            # Warm-up on a side stream (memos, kernels, workspaces), then roll the token back.
-            lengths = cache.lengths
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._run()
-            torch.cuda.current_stream().wait_stream(stream)
-            cache.truncate(lengths)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._run()
-
-    @torch.no_grad()
-    def _run(self) -> torch.Tensor:
-        append_static(self.cache, self.k, self.v)
-        return decode_attend_fast(self.q, self.g, self.cache, self.cfg, fa2=self.fa2, select=self.select, win=self.win)
-
-    def __call__(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        for name, x, buf in (("q", q, self.q), ("k_new", k_new, self.k), ("v_new", v_new, self.v), ("gates", gates, self.g)):
-            if not isinstance(x, torch.Tensor) or (tuple(x.shape), x.dtype, x.device) != (tuple(buf.shape), buf.dtype, buf.device):
-                got = (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"CapturedDecodeStep: {name} must be {tuple(buf.shape)} {buf.dtype} on {buf.device} "
-                                 f"as captured, got {got}")
-        self._check_room()
-        for x, buf in ((q, self.q), (k_new, self.k), (v_new, self.v), (gates, self.g)):
-            buf.copy_(x)
-        if self.graph is not None:
-            self.graph.replay()
-            out = self.out
-        else:
-            out = self._run()
-        advance_host_lengths(self.cache, 1)
-        self._room -= 1
-        self._seen = self._host_state()
-        return out
-
-    def _host_state(self) -> tuple:
-        """The host lists the room depends on; any cache call that changes them replaces them."""
-        cache = self.cache
-        return cache.raw.lengths, cache.raw._table, cache.cmp._table
-
-    def _check_room(self) -> None:
-        """``check_static_append`` (O(B) on the host), run only when the steps counted at the last
-        check are used up or the cache's host lists were replaced since (truncate, reset, prefill,
-        append, set_block_table): a step in a long decode loop costs O(1) on the host here."""
-        state = self._host_state()
-        if self._room > 0 and len(state) == len(self._seen) and all(a is b for a, b in zip(state, self._seen)):
-            return
-        check_static_append(self.cache)  # raises with the rule and the sequence when there is no room
-        self._room, self._seen = self.cache.steps_left(), state

@@ -10,7 +10,7 @@ i = (pos + 1 - l) / d (``masks.cmp_block_emitted_at``) writes the mean of that b
 of the compressed pages; then raw cache_seqlens[b] = pos + 1 and compressed cache_seqlens[b] =
 ``cfg.num_cmp_blocks(pos + 1)``. One program owns a sequence, so nothing races on its lengths.
 
-What ``decode_fast.append_static`` computes with torch ops (~20 launches: index writes, the block
+What ``decode_graph.append_static`` computes with torch ops (~20 launches: index writes, the block
 gather, two means, length arithmetic) for the "mean" phi; a learned phi stays on that path.
 Capturable in a CUDA graph. The host lengths are not advanced (``advance_host_lengths``).
 """
@@ -98,7 +98,7 @@ def refusal(cache: "NSAKVCache", k_new: torch.Tensor) -> str | None:
 def decode_append(cache: "NSAKVCache", k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """k_new (B, Hkv, Dk), v_new (B, Hkv, Dv) -> one token appended to every sequence of ``cache``
     (raw pages, emitted compressed blocks, both device ``cache_seqlens``), one launch. Inputs and
-    room are assumed checked (``decode_fast.check_static_append``)."""
+    room are assumed checked (``decode_graph.check_static_append``)."""
     raw, cmp, cfg = cache.raw, cache.cmp, cache.cfg
     B, H, Dk = k_new.shape
     Dv = v_new.shape[-1]

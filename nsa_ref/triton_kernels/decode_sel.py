@@ -11,8 +11,9 @@ One program per (sequence b, KV head h), grid (B, Hkv) (on a GPU where B * Hkv l
 block_idx[b, h] (-1: skipped) it reads the l' tokens of that selection block through the block
 table (token s at k_pages[block_table[b, s // P], s % P, h]), masks s > t (t = seqlens[b] - 1, read on
 the device) and runs an online softmax, accumulating in fp32 (fp64 for fp64 inputs). A row with
-no visible key gives 0, as ``decode_fast.attend_fixed``. What ``decode_fast``'s sel branch computes
-(``sel_gather`` + ``attend_fixed`` or the FA-2 call over the gathered slots), to rounding.
+no visible key gives 0, as ``decode_torch_path.attend_fixed``. What ``decode_fast``'s sel branch
+computes (``decode_torch_path.sel_gather`` + ``attend_fixed`` or the FA-2 call over the
+gathered slots), to rounding.
 Capturable in a CUDA graph: the launch depends on the cache's geometry only.
 """
 from __future__ import annotations

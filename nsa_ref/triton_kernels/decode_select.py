@@ -16,7 +16,8 @@ when B * Hkv leaves SMs idle: ``split_count``). It reads
                                   computes it (the torch cmp path returns p, not lse)
 
 and computes what ``selection.block_scores`` + ``selection.top_blocks`` compute (the torch selection
-of ``decode_fast``: ``cmp_probs_from_lse`` / ``block_scores_banded`` / ``top_blocks``):
+of ``decode_fast``: ``decode_torch_path.cmp_probs_from_lse`` / ``block_scores_banded`` /
+``selection.top_blocks``):
 
     p[g, i]  = exp(scale * q_g . k_cmp[i] - lse_g) on emitted blocks i < n_c (fp32 for 16-bit inputs,
                fp64 for fp64), 0 elsewhere
@@ -238,7 +239,7 @@ def decode_select(q: torch.Tensor, cmp: "PagedView", seqlens: torch.Tensor, cfg:
                   width: int, lse: torch.Tensor | None = None, num_sel: int | None = None) -> torch.Tensor:
     """q (B, Hq, Dk); cmp: the compressed store (``NSAKVCache.views()[1]``); seqlens (B,) int32 raw
     tokens per sequence (the query sits at seqlens - 1); width: compressed slots the step may read
-    (``decode_fast.cmp_width``, from the capacity); lse (B, Hq) the cmp branch's natural lse or
+    (``decode_torch_path.cmp_width``, from the capacity); lse (B, Hq) the cmp branch's natural lse or
     None; num_sel: selection blocks of the raw capacity (``cfg.num_sel_blocks(raw.capacity)``; None:
     estimated from ``width``), which only sizes the splits -> block_idx (B, Hkv, n_sel) int32, as
     ``selection.top_blocks`` orders it.

@@ -21,13 +21,13 @@ import torch
 from nsa_ref import NSAConfig, selection, telemetry
 from nsa_ref.decode_batched import decode_step_batched
 from nsa_ref.decode_fast import (
-    CapturedDecodeStep,
     KVCacheKernel,
-    block_scores_banded,
     contract_verdict,
     decode_attend_fast,
     decode_step_fast,
 )
+from nsa_ref.decode_graph import CapturedDecodeStep
+from nsa_ref.decode_torch_path import block_scores_banded
 from nsa_ref.kv_cache import CacheCapacityError, KVCacheError, NSAKVCache
 from nsa_ref_testkit import ODD, SMALL, assert_close
 from test_decode_batched import REFUSAL_IDS, REFUSALS, TIED, Case, _bytes, _same, refused_step_args
@@ -583,7 +583,7 @@ def test_gpu_cuda_graph_replay_equals_eager(fa2):
 
 def _gpu_selection_pair(cache, q, cfg, lse):
     """(Triton block_idx, torch block_idx) for the last token of every sequence of ``cache``."""
-    from nsa_ref.decode_fast import cmp_probs_from_lse, cmp_torch, cmp_width
+    from nsa_ref.decode_torch_path import cmp_probs_from_lse, cmp_torch, cmp_width
     from nsa_ref.triton_kernels.decode_select import decode_select
 
     raw, cmp = cache.views()
@@ -615,7 +615,7 @@ def test_gpu_triton_selection_equals_torch_selection(lse_from):
     q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
     lse = None
     if lse_from == "torch-lse":
-        from nsa_ref.decode_fast import cmp_keys, cmp_width, scores_fp32
+        from nsa_ref.decode_torch_path import cmp_keys, cmp_width, scores_fp32
 
         raw, cmp = cache.views()
         kk, _, emitted = cmp_keys(cmp, cmp_width(raw, cmp, PAPER))
@@ -629,7 +629,7 @@ def test_gpu_triton_selection_equals_torch_selection(lse_from):
     assert (listed.sum(-1) == torch.tensor([min(PAPER.n_sel, (n - 1) // 64 + 1) for n in lengths],
                                            device="cuda")[:, None]).all()
     # the Triton sel kernel over the paged raw cache vs sel_gather + attend_fixed, same blocks
-    from nsa_ref.decode_fast import attend_fixed, sel_gather
+    from nsa_ref.decode_torch_path import attend_fixed, sel_gather
     from nsa_ref.triton_kernels.decode_sel import decode_sel
 
     raw = cache.views()[0]
@@ -705,11 +705,11 @@ def test_captured_step_checks_room_once_per_span(monkeypatch):
     """CapturedDecodeStep runs the O(B) room check once, then counts steps: 5 steps on a cache
     with room for 6 check once; a truncate (new host lists) makes the next step check again; the
     seventh token still raises the capacity error."""
-    from nsa_ref import decode_fast
+    from nsa_ref import decode_graph
 
     checks = []
-    real = decode_fast.check_static_append
-    monkeypatch.setattr(decode_fast, "check_static_append", lambda c: checks.append(1) or real(c))
+    real = decode_graph.check_static_append
+    monkeypatch.setattr(decode_graph, "check_static_append", lambda c: checks.append(1) or real(c))
     case = Case(SMALL, [20, 20])
     cache = case.cache("contiguous", capacity=14)
     case.prefill(cache, [8, 8])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_triton_decode_select import ODD, TINY, _cache
 
-from nsa_ref.decode_fast import append_static
+from nsa_ref.decode_graph import append_static
 
 pytestmark = pytest.mark.usefixtures("interpret_env")
 

@@ -1,5 +1,5 @@
 """Triton decode sel attention (nsa_ref.triton_kernels.decode_sel) against decode_fast's sel branch
-(``sel_gather`` from the paged raw cache + ``attend_fixed``).
+(``decode_torch_path.sel_gather`` from the paged raw cache + ``attend_fixed``).
 
 Pins: the same o_sel (fp64 to 1e-12, fp32 to 1e-5) for the blocks the torch selection picks on
 ragged batches (one token, lengths inside the first block, crossing l' and the n_sel boundary),
@@ -17,7 +17,7 @@ import torch
 from test_triton_decode_select import ODD, PAPER8, TINY, _cache, _torch_select
 
 from nsa_ref.config import NSAConfig
-from nsa_ref.decode_fast import attend_fixed, sel_gather
+from nsa_ref.decode_torch_path import attend_fixed, sel_gather
 
 pytestmark = pytest.mark.usefixtures("interpret_env")
 
@@ -104,7 +104,7 @@ def test_sel_split_launch_matches_torch(dsel, kdev, monkeypatch, programs):
 # -- the window (decode_win: the same kernel over the tiles holding [t - w + 1, t]) ----------------
 
 def _torch_win(q, cache, cfg):
-    from nsa_ref.decode_fast import win_torch
+    from nsa_ref.decode_torch_path import win_torch
 
     raw = cache.views()[0]
     return win_torch(q, cache.cache_seqlens.long() - 1, raw, cfg)

@@ -1,5 +1,6 @@
 """Triton decode selection (nsa_ref.triton_kernels.decode_select) against the torch selection of
-nsa_ref.decode_fast (``cmp_probs_from_lse`` / ``block_scores_banded`` / ``selection.top_blocks``) and
+nsa_ref.decode_fast (``decode_torch_path.cmp_probs_from_lse`` / ``block_scores_banded`` /
+``selection.top_blocks``) and
 against ``selection.block_scores`` + ``top_blocks``.
 
 Pins: block_idx equal entry for entry on ragged batches (a sequence with 0 compressed blocks, fewer
@@ -78,7 +79,7 @@ def _cache(lengths, hkv, dk, cfg, layout, capacity, dtype, device, seed=0):
 
 def _torch_lse(q, cache, cfg, empty=float("inf")):
     """The cmp branch's natural lse (B, Hq) in the accumulation dtype; ``empty`` where no block."""
-    from nsa_ref.decode_fast import cmp_keys, cmp_width, scores_fp32
+    from nsa_ref.decode_torch_path import cmp_keys, cmp_width, scores_fp32
 
     raw, cmp = cache.views()
     width = cmp_width(raw, cmp, cfg)
@@ -94,7 +95,7 @@ def _torch_lse(q, cache, cfg, empty=float("inf")):
 def _torch_select(q, cache, cfg, lse=None, banded=True):
     """decode_fast's torch selection: p_cmp (from lse like the FA-2 path, or the torch cmp softmax)
     -> banded (or matrix) block scores -> top_blocks."""
-    from nsa_ref.decode_fast import block_scores_banded, cmp_probs_from_lse, cmp_torch, cmp_width
+    from nsa_ref.decode_torch_path import block_scores_banded, cmp_probs_from_lse, cmp_torch, cmp_width
 
     raw, cmp = cache.views()
     width = cmp_width(raw, cmp, cfg)
@@ -109,7 +110,7 @@ def _torch_select(q, cache, cfg, lse=None, banded=True):
 
 
 def _kernel_select(ds, q, cache, cfg, lse=None):
-    from nsa_ref.decode_fast import cmp_width
+    from nsa_ref.decode_torch_path import cmp_width
 
     raw, cmp = cache.views()
     assert ds.refusal(q, cmp) is None
@@ -196,7 +197,7 @@ def test_split_launch_matches_torch(ds, kdev, monkeypatch, cfg, programs=16):
     cap = 320 if cfg is not PAPER8 else 3072
     cache = _cache(lengths, 2, 8, cfg, ("paged", 16), cap, torch.float32, kdev, seed=programs)
     raw, cmp = cache.views()
-    from nsa_ref.decode_fast import cmp_width
+    from nsa_ref.decode_torch_path import cmp_width
 
     width = cmp_width(raw, cmp, cfg)
     R, RW, BC, BJ = ds._tiles(cfg)
@@ -223,7 +224,7 @@ def test_launch_does_not_depend_on_host_lengths(ds, kdev, monkeypatch):
     raw, cmp = cache.views()
     from dataclasses import replace
 
-    from nsa_ref.decode_fast import cmp_width
+    from nsa_ref.decode_torch_path import cmp_width
 
     width = cmp_width(raw, cmp, TINY)
     cmp = replace(cmp, lengths=(0, 0, 0))

@@ -42,15 +42,9 @@ from nsa_ref import NSAConfig, telemetry
 from nsa_ref.api import combine_branches
 from nsa_ref.compress import mean_phi
 from nsa_ref.decode_batched import cmp_branch, sel_branch, select_from_probs, win_branch
-from nsa_ref.decode_fast import (
-    CapturedDecodeStep,
-    advance_host_lengths,
-    append_static,
-    attend_fixed,
-    decode_attend_fast,
-    decode_step_fast,
-    resolve_kvcache,
-)
+from nsa_ref.decode_fast import decode_attend_fast, decode_step_fast, resolve_kvcache
+from nsa_ref.decode_graph import CapturedDecodeStep, advance_host_lengths, append_static
+from nsa_ref.decode_torch_path import attend_fixed
 from nsa_ref.kv_cache import NSAKVCache
 
 TINY = dict(batches=[1, 3], contexts=[40, 150], hq=8, hkv=2, dim=16, warmup=1, iters=3)

@@ -71,7 +71,7 @@ def main(argv=None) -> list[dict]:
     from decode_bench import fill_cache
 
     from nsa_ref import NSAConfig
-    from nsa_ref.decode_fast import cmp_width
+    from nsa_ref.decode_torch_path import cmp_width
     from nsa_ref.decode_kvcache_calls import cmp_call, win_call
     from nsa_ref.kv_cache import NSAKVCache
     from nsa_ref.triton_kernels import decode_sel as dsel

@@ -30,7 +30,8 @@ def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple
     route = router.choose(branch, backend, q=q, k=k, v=v, cfg=cfg, cu_seqlens=cu_seqlens, settings=settings)
     with telemetry.timed(branch, route.path, q, route.debug_timing):
         result = route.run(args, cu_seqlens)
-    if route.audit_rows and route.path != "sdpa" and branch != "select":
+    # Not inside a torch.compile trace (as telemetry): the audit reads a number back (.item()).
+    if route.audit_rows and route.path != "sdpa" and branch != "select" and not torch.compiler.is_compiling():
         from nsa_ref.audit import audit_against_sdpa
 
         out = result[0] if isinstance(result, tuple) else result

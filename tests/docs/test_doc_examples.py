@@ -58,6 +58,7 @@ def _cases():
 def isolated():
     """Restore os.environ, the nsa_ref logger level and the telemetry counters after a block."""
     from nsa_ref import telemetry
+    from nsa_ref.settings import current_settings
 
     env = dict(os.environ)
     logger = logging.getLogger("nsa_ref")
@@ -71,6 +72,7 @@ def isolated():
         torch.set_num_threads(threads)
         os.environ.clear()
         os.environ.update(env)
+        current_settings()  # re-read now: a later torch.compile trace uses the settings read last
         logger.setLevel(level)
         telemetry.reset()
 

@@ -26,15 +26,20 @@ def test_no_graph_break(backend):
     assert explained.graph_break_count == 0, f"{explained.graph_break_count} graph breaks: {reasons}"
 
 
-def test_no_graph_break_with_debug_timing_read_eagerly(monkeypatch):
-    """NSA_DEBUG_TIMING=1 read by an eager call stays in force for a later trace (the settings last
-    read stand there): the timing context is skipped inside the trace, so it breaks no graph."""
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_no_graph_break_with_watch_settings_read_eagerly(monkeypatch, backend):
+    """NSA_DEBUG_TIMING=1 and NSA_SDPA_AUDIT=1 read by an eager call stay in force for a later trace
+    (the settings last read stand there): timing and audit are skipped inside the trace (the audit
+    reads a number back, the timing takes a lock), so they break no graph."""
     from nsa_ref.settings import current_settings
 
     monkeypatch.setenv("NSA_DEBUG_TIMING", "1")
-    assert current_settings().debug_timing
+    monkeypatch.setenv("NSA_SDPA_AUDIT", "1")
+    assert current_settings().debug_timing and current_settings().sdpa_audit
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(nsa_attention)(*_inputs(), CFG, None, "sdpa")
+    explained = torch._dynamo.explain(nsa_attention)(*_inputs(), CFG, None, backend)
+    monkeypatch.undo()
+    current_settings()  # the next test's traces read the defaults again
     assert explained.graph_break_count == 0, [r.reason.splitlines()[0] for r in explained.break_reasons]
 
 

@@ -242,33 +242,25 @@ WIN_MODES = ("auto", "triton", "fa2", "torch")
 
 
 def win_branch_fast(q: torch.Tensor, q1: torch.Tensor, raw: PagedView, cfg: NSAConfig,
-                    kernel: KVCacheKernel | None, why: str, win: str = "auto") -> tuple[torch.Tensor, str, str]:
-    """The window branch -> (o_win (B, Hq, Dv), path, telemetry reason). ``win``: "auto" (Triton
-    ``decode_win`` where it runs, else FA-2 kvcache where usable, else torch), "triton" (or
-    RuntimeError), "fa2" (FA-2 where usable, else torch), "torch".
+                    kernel: KVCacheKernel | None, why: str, win: str, triton_refused: str) -> tuple[torch.Tensor, str, str]:
+    """The window branch where the Triton window does not run (``decode_attend_fast`` chose
+    first, ``triton_refused`` says why) -> (o_win (B, Hq, Dv), path, telemetry reason): FA-2
+    kvcache where usable (``win`` "auto" or "fa2"), else torch (``win="torch"`` goes straight there).
 
-    Why Triton first: FA-2's kvcache kernel packs the G query heads of a KV head into one tile
-    only without a window (flash_api.cpp: ``seqlenq_ngroups_swapped`` needs window_size_left < 0);
-    with the window each query head gets its own 64/128-row tile holding one query, and the H200
-    profile shows the win call as the step's largest kernel (Decode.md)."""
-    if win not in WIN_MODES:
-        raise ValueError(f"win={win!r}: one of {WIN_MODES}")
-    if win in ("auto", "triton"):
-        run, reason = select_path(win, q, raw, "win")
-        if run:
-            from nsa_ref.triton_kernels.decode_sel import decode_win
-
-            return decode_win(q, raw, raw.cache_seqlens, cfg), "triton", reason
-        why_not_triton = reason
-    else:
-        why_not_triton = f"win={win!r}"
+    ``win`` modes: "auto" (Triton ``decode_sel.decode_win`` where it runs, then FA-2, then torch),
+    "triton" (or RuntimeError), "fa2", "torch". Why Triton first: FA-2's kvcache kernel packs the G
+    query heads of a KV head into one tile only without a window (flash_api.cpp:
+    ``seqlenq_ngroups_swapped`` needs window_size_left < 0); with the window each query head gets
+    its own 64/128-row tile holding one query, and the H200 profile shows the win call as the
+    step's largest kernel (Decode.md)."""
+    reason = triton_refused
     if win != "torch":
         call = win_call(q1, raw, cfg)
-        run, reason = _usable(kernel, why, call)
+        run, fa2_reason = _usable(kernel, why, call)
         if run:
-            return kernel.fn(**call)[:, 0], "fa2", reason
-        why_not_triton = f"{why_not_triton}; {reason}"
-    return win_torch(q, raw.cache_seqlens.long() - 1, raw, cfg), "torch", why_not_triton
+            return kernel.fn(**call)[:, 0], "fa2", fa2_reason
+        reason = f"{reason}; {fa2_reason}"
+    return win_torch(q, raw.cache_seqlens.long() - 1, raw, cfg), "torch", reason
 
 
 # -- the step -------------------------------------------------------------------------------------
@@ -289,9 +281,9 @@ def decode_attend_fast(q: torch.Tensor, gates: torch.Tensor, cache: NSAKVCache, 
 
     if win not in WIN_MODES:
         raise ValueError(f"win={win!r}: one of {WIN_MODES}")
-    triton_win, win_reason = select_path(win, q, raw, "win") if win in ("auto", "triton") else (False, "")
+    triton_win, win_reason = select_path(win, q, raw, "win") if win in ("auto", "triton") else (False, f"win={win!r}")
     if not triton_win:  # FA-2 or torch now; the Triton window runs with sel below
-        o_win, path, win_reason = win_branch_fast(q, q1, raw, cfg, kernel, why, win)
+        o_win, path, win_reason = win_branch_fast(q, q1, raw, cfg, kernel, why, win, win_reason)
         telemetry.record("win", path, win_reason)
 
     width = cmp_width(raw, cmp, cfg)

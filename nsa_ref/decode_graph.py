@@ -94,8 +94,7 @@ def advance_host_lengths(cache: NSAKVCache, n: int = 1) -> None:
     """The host lengths of both stores after ``append_static`` (n times) ran on the device."""
     lengths = [x + n for x in cache.raw.lengths]
     cache.raw.set_host_lengths(lengths)
-    l, d = cache.cfg.block_len, cache.cfg.block_stride  # cfg.num_cmp_blocks, inlined (once per step and sequence)
-    cache.cmp.set_host_lengths([0 if x < l else (x - l) // d + 1 for x in lengths])
+    cache.cmp.set_host_lengths([cache.cfg.num_cmp_blocks(x) for x in lengths])
 
 
 class CapturedDecodeStep:

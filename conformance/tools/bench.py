@@ -17,8 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-FIELDS = ["gpu", "branch", "path", "version", "T", "hq", "hkv", "dk", "dv", "dtype", "mode",
-          "median_ms", "p10_ms", "p90_ms", "fwd_tflops", "status"]
+FIELDS = ["gpu", "family", "branch", "path", "version", "T", "hq", "hkv", "dk", "dv", "dtype", "mode",
+          "median_ms", "p10_ms", "p90_ms", "fwd_tflops", "peak_mib", "status"]
+
+#: Block layouts the sweep can run in: the paper's (ours, Scalable-Flash-NSA, native-sparse-
+#: attention-triton) and FLA's tied one (``peer:fla`` expresses nothing else).
+FAMILIES = {"paper": {}, "fla": dict(block_len=64, block_stride=64, sel_block=64)}
+
+
+#: The columns that identify a case (a rerun into the same --out skips cases already measured).
+KEY = ("family", "branch", "path", "T", "dk", "dv", "dtype", "mode")
 
 
 def _parse_list(text, cast=str):
@@ -120,8 +128,10 @@ def _routed(branch: str, backend: str, cfg, settings):
 
 def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool = False):
     """(callable, inputs list-of-tuples builder) for one case, or raise LookupError(reason).
-    NSA's own paths run where the router sends the backend the path names (``_backend_for``)."""
+    NSA's own paths run where the router sends the backend the path names (``_backend_for``);
+    peer paths (``conformance.tools.peers``) run another implementation's whole NSA."""
     import torch
+    from conformance.tools import peers
     from nsa_ref import fa2
     from nsa_ref.compress import compress
 
@@ -144,6 +154,12 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool =
     elif branch == "full_causal" and prov is not None:
         def fn(q, k, v):
             return prov.dense(q[None], k[None], v[None], causal=True, window=(-1, -1), scale=dk ** -0.5)[0]
+    elif branch == "nsa" and peers.is_peer(path):
+        peer, version = peers.peer_fn(path, cfg, hq, hkv, dk, dv)
+        fn = lambda q, k, v, g, _p=peer: _p(q, k, v, g, cfg)  # noqa: E731
+        fn.version = version
+    elif peers.is_peer(path):
+        raise LookupError(f"{path} is timed on the nsa branch only")
     elif branch == "nsa":
         from nsa_ref import nsa_attention
 
@@ -258,6 +274,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rotate", type=int, default=2, help="input sets rotated between runs")
     ap.add_argument("--max-sdpa-T", type=int, default=16384, help="skip the SDPA fallback above this T")
+    ap.add_argument("--family", default="paper", choices=sorted(FAMILIES),
+                    help="block layout: paper (l 32, d 16, l' 64) or fla (l = d = l' = 64, FLA's only one)")
+    ap.add_argument("--peer-path", action="append", default=[],
+                    help="folder put on sys.path to import a peer (e.g. a checkout of "
+                         "Scalable-Flash-Native-Sparse-Attention for peer:flash_nsa); repeatable")
     ap.add_argument("--out", default="artifacts/bench")
     ap.add_argument("--workers", type=int, default=0,
                     help="one worker process per GPU (0 = every visible GPU; 1 = run in this process)")
@@ -272,9 +293,11 @@ def main(argv=None) -> int:
     if workers > 1 and args.shard == "0/1":
         return run_sharded(argv if argv is not None else sys.argv[1:], workers, Path(args.out))
     shard_i, shard_n = (int(x) for x in args.shard.split("/"))
+    from conformance.tools.peers import add_peer_paths
     from nsa_ref.config import NSAConfig
 
-    cfg = NSAConfig()
+    add_peer_paths(args.peer_path)
+    cfg = NSAConfig(**FAMILIES[args.family])
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     gpu = torch.cuda.get_device_name()
     out = Path(args.out)
@@ -283,7 +306,7 @@ def main(argv=None) -> int:
     done = set()
     if csv_path.exists():
         with csv_path.open() as fh:
-            done = {tuple(r[f] for f in ("branch", "path", "T", "dk", "dv", "dtype", "mode")) for r in csv.DictReader(fh)}
+            done = {tuple(r.get(f, "paper") for f in KEY) for r in csv.DictReader(fh)}
     cases = [(b, p, T, hd, dt, m)
              for hd in _parse_list(args.head_dims) for dt in _parse_list(args.dtypes)
              for T in _parse_list(args.T, int) for b in _parse_list(args.branches)
@@ -298,12 +321,12 @@ def main(argv=None) -> int:
         t_start = time.time()
         for n, (branch, path, T, hd, dt, mode) in enumerate(cases, 1):
             dk, dv = (int(x) for x in (hd.split("/") + [hd])[:2])
-            key = (branch, path, str(T), str(dk), str(dv), dt, mode)
+            key = (args.family, branch, path, str(T), str(dk), str(dv), dt, mode)
             if key in done:
                 continue
-            row = dict(gpu=gpu, branch=branch, path=path, version="", T=T, hq=args.hq, hkv=args.hkv,
+            row = dict(gpu=gpu, family=args.family, branch=branch, path=path, version="", T=T, hq=args.hq, hkv=args.hkv,
                        dk=dk, dv=dv, dtype=dt, mode=mode, median_ms="", p10_ms="", p90_ms="",
-                       fwd_tflops="", status="ok")
+                       fwd_tflops="", peak_mib="", status="ok")
             try:
                 if path == "sdpa" and T > args.max_sdpa_T:
                     raise LookupError(f"SDPA skipped above T={args.max_sdpa_T} (--max-sdpa-T)")
@@ -317,6 +340,8 @@ def main(argv=None) -> int:
                 elif path == "triton":
                     from nsa_ref.triton_kernels import triton_version
                     row["version"] = triton_version()
+                elif hasattr(fn, "version"):
+                    row["version"] = fn.version
                 inputs = [make(s) for s in range(args.rotate)]
                 if mode == "fwdbwd":
                     for inp in inputs:
@@ -331,8 +356,13 @@ def main(argv=None) -> int:
                     def run(*inp, _fn=fn):
                         with torch.no_grad():
                             _fn(*inp)
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
                 med, p10, p90 = time_cuda(run, inputs, args.warmup, args.reps)
-                row.update(median_ms=f"{med:.4f}", p10_ms=f"{p10:.4f}", p90_ms=f"{p90:.4f}")
+                # Working memory of one call beyond its inputs (outputs, saved tensors, scratch).
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row.update(median_ms=f"{med:.4f}", p10_ms=f"{p10:.4f}", p90_ms=f"{p90:.4f}", peak_mib=f"{peak:.0f}")
                 if mode == "fwd":
                     row["fwd_tflops"] = f"{fwd_flops(branch, T, args.hq, dk, dv, cfg) / med / 1e9:.1f}"
             except LookupError as exc:

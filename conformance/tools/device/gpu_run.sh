@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
 # GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
-#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz|decode] [extra bench args...]
+#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz|decode|peers] [extra bench args...]
+#   peers:  NSA prefill vs the peers (PEERS_DIR: folder holding Scalable-Flash-NSA/ and
+#           native-sparse-attention-triton/ checkouts, never committed) and full causal FA-2, paper
+#           layout then FLA's (T list: PEERS_T), then the per-stage breakdown (STAGES_T) with kernel tables
 #   decode: the fast decode step's GPU tests (tests/nsa_ref/test_decode_fast.py -m gpu), then
 #           conformance/tools/device/decode_bench.py (extra args go to it) into $OUT/decode_bench
 set -uo pipefail
@@ -43,4 +46,18 @@ if [ "$what" = decode ]; then
     --junitxml="$OUT/decode_gpu_junit.xml" 2>&1 | tee "$OUT/decode_gpu_pytest.log" | tail -30
   timeout "${BENCH_TIMEOUT:-300}" python3 conformance/tools/device/decode_bench.py --out "$OUT/decode_bench" --plot "$@" \
     2>&1 | tee "$OUT/decode_bench.log" | tail -25
+fi
+if [ "$what" = peers ]; then
+  PEERS_DIR=${PEERS_DIR:-../.peers}
+  T=${PEERS_T:-4096,8192,16384,32768,65536,131072}
+  timeout "${BENCH_TIMEOUT:-300}" python3 -m conformance.tools.bench --branches nsa \
+    --paths triton,peer:flash_nsa,peer:nsa_triton --T "$T" --out "$OUT/peers" \
+    --peer-path "$PEERS_DIR/Scalable-Flash-NSA" --peer-path "$PEERS_DIR/native-sparse-attention-triton" "$@" \
+    2>&1 | tee "$OUT/peers.log" | grep -v "^W1"
+  timeout "${FULL_BENCH_TIMEOUT:-120}" python3 -m conformance.tools.bench --branches full_causal \
+    --paths fa2:flash_attn --T "$T" --out "$OUT/peers" "$@" 2>&1 | tee -a "$OUT/peers.log" | grep -v "^W1"
+  timeout "${FLA_BENCH_TIMEOUT:-150}" python3 -m conformance.tools.bench --branches nsa --family fla \
+    --paths triton,peer:fla --T "$T" --out "$OUT/peers" "$@" 2>&1 | tee -a "$OUT/peers.log" | grep -v "^W1"
+  timeout "${STAGES_TIMEOUT:-150}" python3 -m conformance.tools.stages --T "${STAGES_T:-8192,65536}" --profile \
+    --out "$OUT/stages" 2>&1 | tee "$OUT/stages.log" | tail -40
 fi

@@ -39,6 +39,21 @@ def _route_call(branch: str, backend: str, q, k, v, cfg, cu_seqlens, args: tuple
     return result
 
 
+def _fused_combine(gates: torch.Tensor, o: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the gate combine runs as the fused Triton kernel (see ``combine_branches``): one
+    gate triple per output row, three outputs of one shape and dtype (no broadcasting)."""
+    if not o.is_cuda or o.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if gates.shape != (*o.shape[:-1], 3) or any(x.shape != o.shape or x.dtype != o.dtype for x in others):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from nsa_ref import triton_kernels
+    from nsa_ref.settings import current_settings
+
+    return current_settings().use_triton and triton_kernels.unavailable_reason(o) is None
+
+
 # --- public functions --------------------------------------------------------------------------
 
 def compress(k: torch.Tensor, cfg: NSAConfig, cu_seqlens: torch.Tensor | None = None):
@@ -214,7 +229,15 @@ def nsa_attention(
 
 
 def combine_branches(gates: torch.Tensor, o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
-    """gates: (T, Hq, 3), o_*: (T, Hq, Dv) -> (T, Hq, Dv) = sum of gate * branch, order (cmp, sel, win)."""
+    """gates: (T, Hq, 3), o_*: (T, Hq, Dv) -> (T, Hq, Dv) = sum of gate * branch, order (cmp, sel, win).
+
+    On CUDA in fp16/bf16/fp32 with Triton usable and NSA_USE_TRITON on: one fused Triton pass
+    each way (``triton_kernels.combine``; sums in fp32). Elsewhere, and inside a torch.compile
+    trace (inductor fuses the torch ops itself): the torch ops below."""
+    if _fused_combine(gates, o_cmp, o_sel, o_win):
+        from nsa_ref.triton_kernels.combine import combine_branches as fused
+
+        return fused(gates, o_cmp, o_sel, o_win)
     g = gates.to(o_cmp.dtype)
     # One product and two in-place fused multiply-adds: three passes over (T, Hq, Dv) instead of
     # five (the sum is not saved for backward, so the in-place update is autograd-safe).

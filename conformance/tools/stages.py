@@ -4,7 +4,8 @@ the GPU's ceilings, beside the whole call (the difference is glue: launches, hos
     python -m conformance.tools.stages --T 8192,65536 --out artifacts/x/stages [--profile]
 
 Stages (forward; forward+backward for the differentiable ones): ``compress`` (mean phi of k and
-v), ``cmp``, ``select`` (scores + top-n; no backward), ``sel``, ``win``, ``combine``, and
+v), ``cmp``, ``select`` (scores + top-n; no backward), ``sel``, ``win``, ``combine`` (and
+``combine_torch``, the torch ops it replaced where it is fused, not counted in the sum), and
 ``nsa`` (the whole ``nsa_attention``). Each row: median ms (CUDA events, warm-up, medians), the
 stage's share of ``nsa``, its forward FLOPs and TFLOP/s, the minimum HBM bytes it must move (each
 tensor it reads or writes once) and TB/s, each against ``--peak-tflops`` / ``--peak-tbs``
@@ -76,6 +77,9 @@ def _stage_fns(T, hq, hkv, dk, dv, dtype, cfg):
         "sel": (lambda q_, k_, v_, i_: api.sel_attention(q_, k_, v_, i_, cfg), (q, k, v, idx)),
         "win": (lambda q_, k_, v_: api.win_attention(q_, k_, v_, cfg), (q, k, v)),
         "combine": (lambda g_, a, b, c: api.combine_branches(g_, a, b, c), (gates, o_cmp, o_sel, o_win)),
+        # The torch ops the fused combine replaced, for a same-run ratio (not part of nsa).
+        "combine_torch": (lambda g_, a, b, c: (g_[..., 0:1] * a).addcmul_(g_[..., 1:2], b).addcmul_(g_[..., 2:3], c),
+                          (gates, o_cmp, o_sel, o_win)),
         "nsa": (lambda q_, k_, v_, g_: nsa_attention(q_, k_, v_, g_, cfg), (q, k, v, gates)),
     }
 
@@ -101,7 +105,7 @@ def _runner(fn, inputs, bwd: bool):
 
 def _route_paths(stages: dict) -> dict:
     """-> {branch: path the router took} for one forward of the whole call."""
-    from nsa_ref import telemetry
+    from nsa_ref import api, telemetry
 
     telemetry.reset()
     fn, inputs = stages["nsa"]
@@ -109,7 +113,8 @@ def _route_paths(stages: dict) -> dict:
     with torch.no_grad():
         fn(*inputs)
     paths = {branch: path for (branch, path, _) in telemetry.snapshot()["counts"]}
-    paths["compress"] = paths["combine"] = "torch"
+    paths["compress"] = paths["combine_torch"] = "torch"
+    paths["combine"] = "triton" if api._fused_combine(*stages["combine"][1]) else "torch"
     return paths
 
 
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
                     pct_peak_flops=f"{100 * fl / ms / 1e9 / args.peak_tflops:.1f}" if fl else "",
                     min_mb=f"{by / 1e6:.1f}", tbs=f"{by / ms / 1e9:.3f}" if by else "",
                     pct_peak_bw=f"{100 * by / ms / 1e9 / args.peak_tbs:.1f}" if by else ""))
-            stage_sum = sum(ms for s, ms in times.items() if s != "nsa")
+            stage_sum = sum(ms for s, ms in times.items() if s not in ("nsa", "combine_torch"))
             print(f"T={T} {mode}: nsa {times['nsa']:.2f} ms, stages sum {stage_sum:.2f} ms "
                   f"(glue {times['nsa'] - stage_sum:+.2f} ms)", flush=True)
         del stages

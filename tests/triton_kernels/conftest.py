@@ -35,6 +35,7 @@ KERNEL_MODULES = {
     "nsa_ref.triton_kernels.decode_select": "_decode_select_kernel",
     "nsa_ref.triton_kernels.decode_sel": "_decode_sel_kernel",
     "nsa_ref.triton_kernels.decode_append": "_append_kernel",
+    "nsa_ref.triton_kernels.combine": "_combine_fwd_kernel",
 }
 #: The interpreter computes exp2/log2 on masked lanes too (-inf - -inf, log2(0)); numpy warns.
 NUMPY_LANE_WARNINGS = "ignore:.*encountered in:RuntimeWarning:triton"

@@ -154,21 +154,31 @@ class NSAAttention(nn.Module):
                 f"batch_size={cache.batch_size}; allocate the cache for that many or pass one offset per sequence"
             )
         q, k, v, gates = self._project(x)
-        if self.k_compressor is None:
-            out = api.nsa_attention(q, k, v, gates, self.cfg, cu_seqlens, backend=self.backend)
-        else:
-            k_cmp, v_cmp = self._compressed(k, v, cu_seqlens)
-            o_cmp, lse = api.cmp_attention(q, k_cmp, v_cmp, self.cfg, cu_seqlens, backend=self.backend,
-                                           return_lse=True)
-            block_idx = api.select_blocks(q, k_cmp, self.cfg, cu_seqlens, backend=self.backend, lse=lse)
-            o_sel = api.sel_attention(q, k, v, block_idx, self.cfg, cu_seqlens, backend=self.backend)
-            o_win = api.win_attention(q, k, v, self.cfg, cu_seqlens, backend=self.backend)
-            out = api.combine_branches(gates, o_cmp, o_sel, o_win)
+        out = nsa_prefill(q, k, v, gates, self.cfg, cu_seqlens, self.backend, self.k_compressor, self.v_compressor)
         if cache is not None:
             cache.prefill(k, v, cu_seqlens)
         return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_head_dim))
 
-    def _compressed(self, k: torch.Tensor, v: torch.Tensor, cu_seqlens):
-        """k: (T, Hkv, Dk), v: (T, Hkv, Dv) -> (k_cmp (Tc_total, Hkv, Dk), v_cmp (Tc_total, Hkv, Dv))."""
-        phi_k, phi_v = self._phis()
-        return phi_k(gather_cmp_blocks(k, self.cfg, cu_seqlens)), phi_v(gather_cmp_blocks(v, self.cfg, cu_seqlens))
+
+def nsa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, cfg: NSAConfig,
+                cu_seqlens, backend: str = "auto", phi_k: nn.Module | None = None,
+                phi_v: nn.Module | None = None) -> torch.Tensor:
+    """q: (T, Hq, Dk), k: (T, Hkv, Dk), v: (T, Hkv, Dv), gates: (T, Hq, 3) packed by cu_seqlens
+    ((B+1,) int32, a ``Packing`` or None) -> (T, Hq, Dv): the gated NSA branches of a layer.
+
+    ``phi_k`` / ``phi_v`` None (cfg.compress == "mean"): ``api.nsa_attention``. Learned phis
+    (``MLPCompressor``s, cfg.compress == "mlp"): compress with them, then the branch functions
+    (cmp with its lse handed to the selection, sel, win) and ``combine_branches``. Shared by
+    ``NSAAttention`` and ``nsa_ref.hf_llama.NSALlamaAttention``.
+    """
+    if (phi_k is None) != (phi_v is None):
+        raise ValueError("pass both phi_k and phi_v (the 'mlp' phi) or neither (the 'mean' phi)")
+    if phi_k is None:
+        return api.nsa_attention(q, k, v, gates, cfg, cu_seqlens, backend=backend)
+    k_cmp = phi_k(gather_cmp_blocks(k, cfg, cu_seqlens))
+    v_cmp = phi_v(gather_cmp_blocks(v, cfg, cu_seqlens))
+    o_cmp, lse = api.cmp_attention(q, k_cmp, v_cmp, cfg, cu_seqlens, backend=backend, return_lse=True)
+    block_idx = api.select_blocks(q, k_cmp, cfg, cu_seqlens, backend=backend, lse=lse)
+    o_sel = api.sel_attention(q, k, v, block_idx, cfg, cu_seqlens, backend=backend)
+    o_win = api.win_attention(q, k, v, cfg, cu_seqlens, backend=backend)
+    return api.combine_branches(gates, o_cmp, o_sel, o_win)

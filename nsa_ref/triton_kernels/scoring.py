@@ -12,6 +12,9 @@ None of the kernels materialises the cmp probabilities p_cmp (T, Hq, Tc):
    selection block j covers cells j*R..j*R+R-1 (R = l'/d), and w(j, i) is the number of shared
    cells. With tiles of compression blocks aligned to R, block i = j*R + m adds
    w_s[m] = |[m, m + l/d) ∩ [s*R, (s+1)*R)| times its probability to selection block j + s.
+   Each shift s goes to its own plane of the scores with plain stores (a program owns its rows,
+   and its tiles cover disjoint selection blocks per shift); top-n sums the planes. The unaligned
+   fold (and ``TUNING["score_split"] = False``) adds atomically into one plane instead.
 3. ``_topn_kernel``: per (t, KV head) packs (score, lower index first) into one int64 key, forces
    the initial and local blocks (key of +inf), drops blocks after the current one, keeps the n
    largest keys with a running bitonic top-k, and writes the block indices sorted, -1 padded.
@@ -116,11 +119,11 @@ def _cmp_lse_kernel(Q, KC, LSE, TILES, sq_t, sq_h, sk_t, sk_h, Hq, G, Dk, scale_
 
 
 @triton.jit
-def _slc_scores_kernel(Q, KC, LSE, OUT, TILES, sq_t, sq_h, sk_t, sk_h, so_t, so_h, row_base,
+def _slc_scores_kernel(Q, KC, LSE, OUT, TILES, sq_t, sq_h, sk_t, sk_h, so_t, so_h, so_s, row_base,
                        Hq, G, Dk, scale_log2, BLOCK_LEN, STRIDE, SEL_BLOCK,
                        GP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                        R: tl.constexpr, RW: tl.constexpr, S: tl.constexpr, ALIGNED: tl.constexpr,
-                       PREC: tl.constexpr, ACC: tl.constexpr):
+                       SPLIT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     kvh = tl.program_id(1)
     row0, pos0, seqlen, cbase, n_vis = _tile(TILES, BT, BLOCK_LEN, STRIDE)
     q, pos, valid, lse_off = _rows_and_q(Q, row0, pos0, seqlen, kvh, sq_t, sq_h, Hq, G, Dk, GP, BT, BD)
@@ -145,7 +148,11 @@ def _slc_scores_kernel(Q, KC, LSE, OUT, TILES, sq_t, sq_h, sk_t, sk_h, so_t, so_
                 part = tl.sum(pr * w[None, None, :], 2)
                 j = j_first + sh
                 ok = t_ok[:, None] & (j[None, :] * SEL_BLOCK <= t_pos[:, None])
-                tl.atomic_add(out_rows + j[None, :], part, mask=ok)
+                if SPLIT:
+                    # Plane sh of OUT: each (row, j) of it is written by one tile of this program only.
+                    tl.store(out_rows + sh * so_s + j[None, :], part, mask=ok)
+                else:
+                    tl.atomic_add(out_rows + j[None, :], part, mask=ok)
         else:
             # Any R: every compression block adds to its own selection blocks (R-way address conflicts).
             j0 = ci // R
@@ -157,8 +164,8 @@ def _slc_scores_kernel(Q, KC, LSE, OUT, TILES, sq_t, sq_h, sk_t, sk_h, so_t, so_
 
 
 @triton.jit
-def _topn_kernel(SC, IDX, POS, row_base, so_t, so_h, si_t, si_h, n_sel, n_init, n_local, SEL_BLOCK,
-                 NP: tl.constexpr, BN: tl.constexpr):
+def _topn_kernel(SC, IDX, POS, row_base, so_t, so_h, so_s, si_t, si_h, n_sel, n_init, n_local, SEL_BLOCK,
+                 NP: tl.constexpr, BN: tl.constexpr, PLANES: tl.constexpr):
     r = tl.program_id(0)
     kvh = tl.program_id(1)
     row = row_base + r
@@ -170,7 +177,10 @@ def _topn_kernel(SC, IDX, POS, row_base, so_t, so_h, si_t, si_h, n_sel, n_init, 
     for j0 in range(0, c + 1, BN):
         j = j0 + tl.arange(0, BN)
         cand = j <= c
-        sc = tl.load(sc_row + j, mask=cand, other=0.0) + 0.0  # + 0.0 turns a -0.0 into +0.0
+        sc = tl.load(sc_row + j, mask=cand, other=0.0)
+        for pl in tl.static_range(1, PLANES):  # the scoring kernel's planes (SPLIT), summed in order
+            sc += tl.load(sc_row + pl * so_s + j, mask=cand, other=0.0)
+        sc = sc + 0.0  # + 0.0 turns a -0.0 into +0.0
         bits = sc.to(tl.int32, bitcast=True).to(tl.int64)
         forced = (j < n_init) | (j > c - n_local)
         bits = tl.where(forced, 0x7F800000, bits)
@@ -199,6 +209,14 @@ def _aligned(R: int) -> bool:
     return R & (R - 1) == 0 and R <= CMP_TILE
 
 
+def score_planes(cfg: "NSAConfig", dtype: torch.dtype) -> int:
+    """Planes of the selection scores ``_select`` holds: S (one per shift, plain stores) where the
+    fold is aligned and top-n runs in Triton, else 1 (atomic adds; fp64 scores take torch's sort,
+    which reads one plane)."""
+    R, _, S = _cells(cfg)
+    return S if TUNING["score_split"] and _aligned(R) and acc_dtype(dtype) != torch.float64 else 1
+
+
 def _geometry(q: torch.Tensor, Hkv: int) -> tuple[int, int, int]:
     G = q.shape[1] // Hkv
     GP = next_pow2(G)
@@ -208,7 +226,9 @@ def _geometry(q: torch.Tensor, Hkv: int) -> tuple[int, int, int]:
 
 
 #: Launch parameters (H100 sweep in artifacts/2026-11-25/triton_sel/triton_variants.csv).
-TUNING = {"score_warps": 8, "score_stages": 2, "topn_chunk": 256, "topn_warps": 1}
+#: score_split: the aligned fold stores each of its S shifts into its own plane of the scores
+#: (plain stores, summed by top-n) instead of atomic adds into one.
+TUNING = {"score_warps": 8, "score_stages": 2, "topn_chunk": 256, "topn_warps": 1, "score_split": True}
 
 
 def _launch_opts(Dk: int) -> dict:
@@ -309,25 +329,27 @@ def _select(q, k_cmp, cfg, tiles, pos, nb_max, lse) -> torch.Tensor:
     table = device_table(tiles, q.device)
     NP = next_pow2(cfg.n_sel, 2)  # tl.topk cannot keep k = 1 (Triton 3.6 fails to compile it)
     BN = max(NP, min(TUNING["topn_chunk"], next_pow2(nb_max)))
-    for a, b in _chunks(tiles, BT, Hkv * nb_max):
+    planes = score_planes(cfg, q.dtype)
+    split = planes > 1
+    for a, b in _chunks(tiles, BT, Hkv * nb_max * planes):
         row_base = tiles[a][0]
         last = tiles[b - 1]
         rows = last[0] + min(BT, last[2] - last[1]) - row_base
-        scores = torch.zeros(rows, Hkv, nb_max, dtype=acc_dtype(q.dtype), device=q.device)
+        scores = torch.zeros(planes, rows, Hkv, nb_max, dtype=acc_dtype(q.dtype), device=q.device)
         _slc_scores_kernel[(b - a, Hkv)](
             q, k_cmp, lse, scores, table[a:b], q.stride(0), q.stride(1), k_cmp.stride(0),
-            k_cmp.stride(1), scores.stride(0), scores.stride(1), row_base, Hq, G, Dk,
+            k_cmp.stride(1), scores.stride(1), scores.stride(2), scores.stride(0), row_base, Hq, G, Dk,
             cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride, cfg.sel_block,
             GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R),
-            PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype), **_launch_opts(Dk),
+            SPLIT=split, PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype), **_launch_opts(Dk),
         )
         if scores.dtype == torch.float64:
             # The int64 key packs a 32-bit score: fp64 scores take torch's stable sort instead.
-            out[row_base:row_base + rows] = top_blocks(scores, pos[row_base:row_base + rows].long(), cfg)
+            out[row_base:row_base + rows] = top_blocks(scores[0], pos[row_base:row_base + rows].long(), cfg)
             continue
         _topn_kernel[(rows, Hkv)](
-            scores, out, pos, row_base, scores.stride(0), scores.stride(1), out.stride(0),
-            out.stride(1), cfg.n_sel, cfg.n_init, cfg.n_local, cfg.sel_block, NP=NP, BN=BN,
+            scores, out, pos, row_base, scores.stride(1), scores.stride(2), scores.stride(0), out.stride(0),
+            out.stride(1), cfg.n_sel, cfg.n_init, cfg.n_local, cfg.sel_block, NP=NP, BN=BN, PLANES=planes,
             num_warps=TUNING["topn_warps"],
         )
     return out
@@ -353,9 +375,10 @@ def block_scores(q: torch.Tensor, k_cmp: torch.Tensor, cfg: "NSAConfig",
     table = device_table(tiles, q.device)
     _slc_scores_kernel[(len(tiles), Hkv)](
         q, k_cmp, lse.to(acc_dtype(q.dtype)).contiguous(), scores, table, q.stride(0), q.stride(1),
-        k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1), 0, Hq, G, Dk,
+        k_cmp.stride(0), k_cmp.stride(1), scores.stride(0), scores.stride(1), 0, 0, Hq, G, Dk,
         cfg.softmax_scale(Dk) * LOG2E, cfg.block_len, cfg.block_stride, cfg.sel_block,
-        GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R), PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
+        GP=GP, BT=BT, BC=CMP_TILE, BD=next_pow2(Dk, 16), R=R, RW=RW, S=S, ALIGNED=_aligned(R), SPLIT=False,
+        PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype),
             **_launch_opts(Dk),
     )
     return scores

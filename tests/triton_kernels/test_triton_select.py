@@ -201,8 +201,8 @@ def _topn(scoring, scores: torch.Tensor, pos: torch.Tensor, cfg) -> torch.Tensor
     NP = next_pow2(cfg.n_sel, 2)
     BN = max(NP, min(256, next_pow2(nb)))
     scoring._topn_kernel[(rows, hkv)](
-        scores, out, pos.to(torch.int32), 0, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        cfg.n_sel, cfg.n_init, cfg.n_local, cfg.sel_block, NP=NP, BN=BN,
+        scores, out, pos.to(torch.int32), 0, scores.stride(0), scores.stride(1), 0, out.stride(0), out.stride(1),
+        cfg.n_sel, cfg.n_init, cfg.n_local, cfg.sel_block, NP=NP, BN=BN, PLANES=1,
     )
     return out
 
@@ -230,7 +230,7 @@ def test_select_in_several_chunks(scoring, kdev, monkeypatch, dtype):
     -> chunks [seq 0 + first tile of seq 2] and [second tile of seq 2] (row_base 52, mid-sequence)."""
     cu = cu_of([20, 0, 45], kdev)
     q, kc = q_and_kcmp(65, 4, 1, 16, SMALL, dtype, kdev, cu=cu, seed=65)
-    per_row = 1 * _nb_max(65, cu, SMALL)
+    per_row = 1 * _nb_max(65, cu, SMALL) * scoring.score_planes(SMALL, dtype)
     monkeypatch.setattr(scoring, "SCORE_BUDGET", 64 * per_row)
     seen = []
     chunks = scoring._chunks

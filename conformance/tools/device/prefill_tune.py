@@ -6,7 +6,8 @@ behind ``nsa_ref.triton_kernels.selected.LAUNCH`` and ``scoring.TUNING`` on this
 Per T (bf16, Hq 64 / Hkv 4 / D 128, paper config, one sequence; real selections from our own
 select_blocks on seeded inputs):
 
-    select   scoring warps x stages, top-n chunk x warps (``scoring.TUNING``)
+    select   scores split in planes or atomic x scoring warps x stages, top-n chunk x warps
+             (``scoring.TUNING``)
     sel_fwd  forward warps x stages (``selected.LAUNCH["fwd"]``)
     sel_bwd  dQ warps, dK/dV warps (forward + backward timed, ``LAUNCH["dq"]`` / ``["dkv"]``)
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         frac = lambda a, b: float((a != b).float().mean())  # noqa: E731
         maxdiff = lambda a, b: float((a.float() - b.float()).abs().max())  # noqa: E731
         sel_rows = _sweep("select", scoring.TUNING,
-                          {"score_warps": [4, 8], "score_stages": [1, 2, 3, 4]},
+                          {"score_split": [True, False], "score_warps": [4, 8], "score_stages": [1, 2, 3, 4]},
                           lambda: scoring.select_blocks(q, kc, cfg, lse=lse), frac, args.reps, args.warmup)
         sel_rows += _sweep("topn", scoring.TUNING, {"topn_chunk": [128, 256, 512, 1024], "topn_warps": [1, 2, 4]},
                            lambda: scoring.select_blocks(q, kc, cfg, lse=lse), frac, args.reps, args.warmup)

@@ -71,27 +71,17 @@ def _query_group(Q, POS, KSTART, sq_t, sq_h, G, Dk, GP: tl.constexpr, BDK: tl.co
 
 @triton.jit
 def _key_block(K, V, j, kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv, SEL_BLOCK,
-               BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr):
+               BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
     """Selection block j of the sequence whose keys start at packed row kstart: which of its
-    keys are visible from position pos (s <= pos), and its K (BL, BDK) and V (BL, BDV) tiles.
-
-    TMA: K and V are tensor descriptors of the (rows, Hkv * D) views with (BL, D) boxes (see
-    ``_tma_views``); the whole block is copied (rows past the tensor come back 0, future keys
-    are masked by the caller through kmask). Else pointers, and only visible keys are read."""
+    keys are visible from position pos (s <= pos), and its K (BL, BDK) and V (BL, BDV) tiles."""
     offs = tl.arange(0, BL)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
     kpos = j * SEL_BLOCK + offs
     kmask = (offs < SEL_BLOCK) & (kpos <= pos)
-    if TMA:
-        row0 = (kstart + j * SEL_BLOCK).to(tl.int32)
-        k = K.load([row0, kvh * BDK])
-        # Zero the values of keys the caller masks: their p is 0, but 0 * inf or NaN is not 0.
-        v = tl.where(kmask[:, None], V.load([row0, kvh * BDV]), 0.0)
-    else:
-        dk = tl.arange(0, BDK)
-        dv = tl.arange(0, BDV)
-        rows = kstart + kpos  # packed rows of the keys
-        k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
-        v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
+    rows = kstart + kpos  # packed rows of the keys
+    k = tl.load(K + rows[:, None] * sk_t + kvh * sk_h + dk[None, :], mask=kmask[:, None] & (dk < Dk)[None, :], other=0.0)
+    v = tl.load(V + rows[:, None] * sv_t + kvh * sv_h + dv[None, :], mask=kmask[:, None] & (dv < Dv)[None, :], other=0.0)
     return kmask, k, v
 
 
@@ -100,7 +90,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, so_t, so_h,
                     Hq, G, Dk, Dv, n_sel, scale_log2, SEL_BLOCK,
                     GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                    NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr):
+                    NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     t, kvh, pos, kstart, head, gm, dk, dv, q = _query_group(Q, POS, KSTART, sq_t, sq_h, G, Dk, GP, BDK, BDV)
     m_i = tl.full([GP], float("-inf"), ACC)
     l_i = tl.zeros([GP], ACC)
@@ -108,7 +98,7 @@ def _sel_fwd_kernel(Q, K, V, IDX, POS, KSTART, O, LSE2,
     idx_row = IDX + t * si_t + kvh * si_h
     for s in range(_listed(idx_row, pos, n_sel, SEL_BLOCK, NP)):
         kmask, k, v = _key_block(K, V, tl.load(idx_row + s), kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv,
-                                 SEL_BLOCK, BL, BDK, BDV, TMA)
+                                 SEL_BLOCK, BL, BDK, BDV)
         # .to(ACC): under torch.compile inductor passes Python floats as fp64 scalars, which would
         # promote the loop-carried softmax state (H200, torch 2.11: fullgraph compile failed here).
         sc = (tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2).to(ACC)
@@ -130,7 +120,7 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, si_t, si_h, sd_t, sd_h, sdq_t, sdq_h,
                    Hq, G, Dk, Dv, n_sel, scale, scale_log2, SEL_BLOCK,
                    GP: tl.constexpr, BL: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-                   NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr):
+                   NP: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     t, kvh, pos, kstart, head, gm, dk, dv, q = _query_group(Q, POS, KSTART, sq_t, sq_h, G, Dk, GP, BDK, BDV)
     do = tl.load(DO + t * sd_t + head[:, None] * sd_h + dv[None, :], mask=gm[:, None] & (dv < Dv)[None, :], other=0.0)
     lse2 = tl.load(LSE2 + t * Hq + head, mask=gm, other=float("inf"))
@@ -139,7 +129,7 @@ def _sel_dq_kernel(Q, K, V, DO, IDX, POS, KSTART, LSE2, DELTA, DQ,
     idx_row = IDX + t * si_t + kvh * si_h
     for s in range(_listed(idx_row, pos, n_sel, SEL_BLOCK, NP)):
         kmask, k, v = _key_block(K, V, tl.load(idx_row + s), kstart, pos, kvh, sk_t, sk_h, sv_t, sv_h, Dk, Dv,
-                                 SEL_BLOCK, BL, BDK, BDV, TMA)
+                                 SEL_BLOCK, BL, BDK, BDV)
         sc = (tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale_log2).to(ACC)
         p = tl.where(kmask[None, :], tl.exp2(sc - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
@@ -193,32 +183,8 @@ def _sel_dkv_kernel(Q, K, V, DO, POS, LSE2, DELTA, DK, DV, SEG, ENTRY_T, BLOCK_R
     tl.atomic_add(DV + rows[:, None] * sdv_t + kvh * sdv_h + dv[None, :], dv_acc, mask=lmask[:, None] & (dv < Dv)[None, :])
 
 
-#: Launch options per kernel (tuned on an H100, artifacts/2026-11-25/triton_sel; the H200 sweep
-#: of artifacts/2026-12-04 kept them). ``tma``: forward and dQ copy key blocks with the Tensor
-#: Memory Accelerator where ``_tma_views`` allows it.
-LAUNCH = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4), "dkv": dict(num_warps=4), "tma": True}
-
-
-def _tma_views(k: torch.Tensor, v: torch.Tensor, lp: int):
-    """-> (K, V, True): tensor descriptors over the (rows, Hkv * D) views of k and v with one
-    selection block per box, where the TMA can copy whole blocks: an sm90+ GPU (not the
-    interpreter), 16-bit k and v, each contiguous, D and l' powers of two with D <= 256 and
-    l' <= 256 (a box dimension's limit). Else (k, v, False): the kernels read through pointers."""
-    from nsa_ref import triton_kernels
-
-    Dk, Dv = k.shape[-1], v.shape[-1]
-    ok = (LAUNCH["tma"] and k.is_cuda and not triton_kernels.interpreting()
-          and torch.cuda.get_device_capability(k.device)[0] >= 9
-          and k.dtype in (torch.float16, torch.bfloat16) and v.dtype == k.dtype
-          and k.is_contiguous() and v.is_contiguous() and k.shape[0] > 0
-          and all(x == next_pow2(x, 16) and x <= 256 for x in (Dk, Dv, lp)))
-    if not ok:
-        return k, v, False
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows = k.shape[0]
-    return (TensorDescriptor.from_tensor(k.view(rows, -1), [lp, Dk]),
-            TensorDescriptor.from_tensor(v.view(rows, -1), [lp, Dv]), True)
+#: Launch options per kernel (tuned on an H100, artifacts/2026-11-25/triton_sel).
+LAUNCH = {"fwd": dict(num_warps=4, num_stages=2), "dq": dict(num_warps=4), "dkv": dict(num_warps=4)}
 
 
 def _geometry(q, k, v, lp: int, n_sel: int):
@@ -288,12 +254,10 @@ class _SelectedAttention(torch.autograd.Function):
         o = torch.empty(T, Hq, Dv, dtype=q.dtype, device=q.device)
         lse2 = torch.empty(T, Hq, dtype=acc_dtype(q.dtype), device=q.device)
         if T:
-            kd, vd, tma = _tma_views(k, v, lp)
             _sel_fwd_kernel[(T, Hkv)](
-                q, kd, vd, idx, pos, kstart, o, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                q, k, v, idx, pos, kstart, o, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
-                dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale * LOG2E, lp, **consts,
-                TMA=tma, **LAUNCH["fwd"],
+                dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale * LOG2E, lp, **consts, **LAUNCH["fwd"],
             )
         ctx.save_for_backward(q, k, v, idx, pos, kstart, o, lse2)
         ctx.lengths, ctx.scale, ctx.lp = lengths, scale, lp
@@ -313,12 +277,11 @@ class _SelectedAttention(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         if T:
-            kd, vd, tma = _tma_views(k, v, lp)
             _sel_dq_kernel[(T, Hkv)](
-                q, kd, vd, do, idx, pos, kstart, lse2, delta, dq, q.stride(0), q.stride(1), k.stride(0),
+                q, k, v, do, idx, pos, kstart, lse2, delta, dq, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), do.stride(0),
                 do.stride(1), dq.stride(0), dq.stride(1), dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], scale,
-                scale * LOG2E, lp, **consts, TMA=tma, **LAUNCH["dq"],
+                scale * LOG2E, lp, **consts, **LAUNCH["dq"],
             )
             segments, tokens, block_row0, block_len, NB = _reverse_index(idx, pos, ctx.lengths, lp)
             if segments.shape[0]:
@@ -370,7 +333,7 @@ def sel_attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         q, k, v, idx, pos, k_start, o, lse2, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
         dims["Hq"], dims["G"], dims["Dk"], dims["Dv"], idx.shape[-1], cfg.softmax_scale(q.shape[-1]) * LOG2E,
-        cfg.sel_block, **consts, TMA=False, **LAUNCH["fwd"],
+        cfg.sel_block, **consts, **LAUNCH["fwd"],
     )
     return o
 

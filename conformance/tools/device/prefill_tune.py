@@ -8,8 +8,7 @@ select_blocks on seeded inputs):
 
     select   scores split in planes or atomic x scoring warps x stages, top-n chunk x warps
              (``scoring.TUNING``)
-    sel_fwd  forward warps x stages (``selected.LAUNCH["fwd"]``); TMA key-block copies on / off
-             for the forward and for forward + backward (``LAUNCH["tma"]``)
+    sel_fwd  forward warps x stages (``selected.LAUNCH["fwd"]``)
     sel_bwd  dQ warps, dK/dV warps (forward + backward timed, ``LAUNCH["dq"]`` / ``["dkv"]``)
 
 Each setting is set in the module's dict, the call timed (CUDA events, warm-up, median), and its
@@ -96,8 +95,6 @@ def main(argv=None) -> int:
         sel_rows += _sweep("topn", scoring.TUNING, {"topn_chunk": [128, 256, 512, 1024], "topn_warps": [1, 2, 4]},
                            lambda: scoring.select_blocks(q, kc, cfg, lse=lse), frac, args.reps, args.warmup)
         with torch.no_grad():
-            sel_rows += _sweep("sel_fwd_tma", selected.LAUNCH, {"tma": [True, False]},
-                               lambda: selected.sel_attention(q, k, v, idx, cfg), maxdiff, args.reps, args.warmup)
             sel_rows += _sweep("sel_fwd", selected.LAUNCH["fwd"], {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]},
                                lambda: selected.sel_attention(q, k, v, idx, cfg), maxdiff, args.reps, args.warmup)
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -105,8 +102,6 @@ def main(argv=None) -> int:
         def fwd_bwd():
             o = selected.sel_attention(*leaves, idx, cfg)
             return torch.autograd.grad(o, leaves, torch.ones_like(o))[0]
-        sel_rows += _sweep("sel_bwd_tma", selected.LAUNCH, {"tma": [True, False]}, fwd_bwd, maxdiff,
-                           args.reps, args.warmup)
         sel_rows += _sweep("sel_dq", selected.LAUNCH["dq"], {"num_warps": [2, 4, 8], "num_stages": [1, 2, 3]},
                            fwd_bwd, maxdiff, args.reps, args.warmup)
 

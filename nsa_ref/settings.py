@@ -54,6 +54,16 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _nsa_environ() -> tuple:
+    """The NSA_* variables of the environment as a comparable key. On POSIX through os.environ's
+    raw bytes mapping: decoding every variable's name on each call cost more than the rest of a
+    route decision (H200 host profile, artifacts/2026-12-04)."""
+    raw = getattr(os.environ, "_data", None)
+    if isinstance(raw, dict) and all(isinstance(k, bytes) for k in list(raw)[:1]):
+        return tuple(sorted((k, v) for k, v in raw.items() if k.startswith(b"NSA_")))
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("NSA_")))
+
+
 def current_settings() -> NSASettings:
     """Settings from the environment, re-read only when an NSA_* variable changed. Inside a graph
     torch.compile traces, the settings last read stand (the graph is specialised on them; pass
@@ -61,7 +71,7 @@ def current_settings() -> NSASettings:
     global _cache
     if _cache is not None and _compiling():
         return _cache[1]
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("NSA_")))
+    key = _nsa_environ()
     if _cache is None or _cache[0] != key:
         _cache = (key, NSASettings())
     return _cache[1]

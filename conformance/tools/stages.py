@@ -10,7 +10,8 @@ v), ``cmp``, ``select`` (scores + top-n; no backward), ``sel``, ``win``, ``combi
 stage's share of ``nsa``, its forward FLOPs and TFLOP/s, the minimum HBM bytes it must move (each
 tensor it reads or writes once) and TB/s, each against ``--peak-tflops`` / ``--peak-tbs``
 (defaults: an H200's dense bf16 and copy bandwidth). ``--profile`` adds a torch.profiler kernel
-table of the whole call (``kernels_T<T>_<mode>.txt``) and its host vs device time. Without CUDA
+table of the whole call (``kernels_T<T>_<mode>.txt``), its host vs device time, and a cProfile of
+the host's Python (``host_T<T>_<mode>.txt``). Without CUDA
 it says so and exits 0.
 """
 from __future__ import annotations
@@ -133,8 +134,22 @@ def _profile(run, out: Path, name: str) -> dict:
     wall = (time.perf_counter() - t0) / 3 * 1e3
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     (out / f"kernels_{name}.txt").write_text(table)
-    events = prof.key_averages()
-    dev = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 3e3
+    # Kernels and copies only (operator rows would count their kernels' time again).
+    dev = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 3e3
+    # Where the host's time goes: Python functions of 5 calls, by cumulative time.
+    import cProfile
+    import io
+    import pstats
+
+    cp = cProfile.Profile()
+    cp.enable()
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    cp.disable()
+    buf = io.StringIO()
+    pstats.Stats(cp, stream=buf).sort_stats("cumulative").print_stats(45)
+    (out / f"host_{name}.txt").write_text(buf.getvalue())
     return {"wall_ms_profiled": round(wall, 3), "device_ms": round(dev, 3)}
 
 

@@ -164,11 +164,14 @@ def build_case(branch, path, T, hq, hkv, dk, dv, dtype, cfg, mode_is_bwd: bool =
         from nsa_ref import nsa_attention
 
         # backend="fa2" puts all three branches on FA-2 (sel via the gather path); "triton":
-        # Triton for selection and sel, cmp and win on the auto route (FA-2).
-        backend, settings = _backend_for("sel", path)
+        # Triton for selection and sel, cmp and win on the auto route (FA-2). A ":shapes" suffix
+        # calls with validate="shapes" (no device read of the gates: how NSAAttention calls it,
+        # its gates being sigmoid outputs); without it, the default "values" check syncs once.
+        backend, settings = _backend_for("sel", path.removesuffix(":shapes"))
+        validate = "shapes" if path.endswith(":shapes") else "values"
 
         def fn(q, k, v, g):
-            return nsa_attention(q, k, v, g, cfg, backend=backend, settings=settings)
+            return nsa_attention(q, k, v, g, cfg, backend=backend, settings=settings, validate=validate)
     else:
         if branch == "select" and mode_is_bwd:
             raise LookupError("block selection has no backward")
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
                     row["version"] = get_provider(path[4:]).version()
                 elif path == "flex":
                     row["version"] = torch.__version__
-                elif path == "triton":
+                elif path.startswith("triton"):
                     from nsa_ref.triton_kernels import triton_version
                     row["version"] = triton_version()
                 elif hasattr(fn, "version"):

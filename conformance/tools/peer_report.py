@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 FULL = "full_causal"
-LABELS = {"triton": "ours", "peer:flash_nsa": "Scalable-Flash-NSA", "peer:nsa_triton": "native-sparse-attention-triton",
+LABELS = {"triton": "ours", "triton:shapes": "ours, validate='shapes'", "peer:flash_nsa": "Scalable-Flash-NSA", "peer:nsa_triton": "native-sparse-attention-triton",
           "peer:fla": "FLA parallel_nsa", FULL: "full causal FA-2"}
 
 
@@ -48,7 +48,7 @@ def targets(t, ours: str) -> list[tuple[str, bool, str]]:
     out = []
     for (fam, mode), paths in sorted(t.items()):
         mine = paths.get(ours, {})
-        peers = {p: v for p, v in paths.items() if p not in (ours, FULL)}
+        peers = {p: v for p, v in paths.items() if p.startswith(("peer:", "impl:"))}
         if fam == "paper" and peers:
             worst = []
             for T, (ms, _) in sorted(mine.items()):
@@ -80,7 +80,9 @@ def targets(t, ours: str) -> list[tuple[str, bool, str]]:
 def markdown(t, ours: str) -> str:
     lines = []
     for (fam, mode), paths in sorted(t.items()):
-        order = [ours] + sorted(p for p in paths if p not in (ours, FULL)) + ([FULL] if FULL in paths else [])
+        # ours, our other variants, the peers, full attention
+        order = ([ours] + sorted(p for p in paths if p not in (ours, FULL) and not p.startswith(("peer:", "impl:")))
+                 + sorted(p for p in paths if p.startswith(("peer:", "impl:"))) + ([FULL] if FULL in paths else []))
         Ts = sorted({T for p in order for T in paths.get(p, {})})
         lines += [f"### {fam} layout, {mode}", "",
                   "| T | " + " | ".join(f"{LABELS.get(p, p)} ms" for p in order) + " | "

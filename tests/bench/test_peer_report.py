@@ -36,3 +36,12 @@ def test_targets_and_table(tmp_path):
     assert "| 65536 | 10.00 | 13.00 | - | 70.00 | 1.30x | - | 7.00x |" in md
     assert peer_report.main([str(_csv(tmp_path, rows)), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "peers.md").read_text() == md
+
+
+def test_our_variants_are_columns_not_peers(tmp_path):
+    rows = [("paper", "nsa", "triton", 8192, "fwd", 2.0), ("paper", "nsa", "triton:shapes", 8192, "fwd", 0.5),
+            ("paper", "nsa", "peer:flash_nsa", 8192, "fwd", 3.0)]
+    t = peer_report._table(peer_report.load(_csv(tmp_path, rows)), "triton")
+    got = {name: ev for name, ok, ev in peer_report.targets(t, "triton")}
+    assert got["fwd: >= 1.2x the fastest peer at every T"] == "lowest 1.50x at T=8192 (vs Scalable-Flash-NSA)"
+    assert "ours, validate='shapes' ms" in peer_report.markdown(t, "triton")

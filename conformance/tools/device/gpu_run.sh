@@ -4,7 +4,8 @@
 #   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz|decode|peers] [extra bench args...]
 #   peers:  NSA prefill vs the peers (PEERS_DIR: folder holding Scalable-Flash-NSA/ and
 #           native-sparse-attention-triton/ checkouts, never committed) and full causal FA-2, paper
-#           layout then FLA's (T list: PEERS_T), then the per-stage breakdown (STAGES_T) with kernel tables
+#           layout (PEERS_T) then FLA's (FLA_T), the window on FA-2 vs FlexAttention (WIN_T), the
+#           per-stage breakdown if STAGES_T is set (kernel tables with STAGES_PROFILE=1), peer_report
 #   decode: the fast decode step's GPU tests (tests/nsa_ref/test_decode_fast.py -m gpu), then
 #           conformance/tools/device/decode_bench.py (extra args go to it) into $OUT/decode_bench
 set -uo pipefail
@@ -51,13 +52,20 @@ if [ "$what" = peers ]; then
   PEERS_DIR=${PEERS_DIR:-../.peers}
   T=${PEERS_T:-4096,8192,16384,32768,65536,131072}
   timeout "${BENCH_TIMEOUT:-300}" python3 -m conformance.tools.bench --branches nsa \
-    --paths triton,peer:flash_nsa,peer:nsa_triton --T "$T" --out "$OUT/peers" \
+    --paths triton,triton:shapes,peer:flash_nsa,peer:nsa_triton --T "$T" --out "$OUT/peers" \
     --peer-path "$PEERS_DIR/Scalable-Flash-NSA" --peer-path "$PEERS_DIR/native-sparse-attention-triton" "$@" \
     2>&1 | tee "$OUT/peers.log" | grep -v "^W1"
   timeout "${FULL_BENCH_TIMEOUT:-120}" python3 -m conformance.tools.bench --branches full_causal \
     --paths fa2:flash_attn --T "$T" --out "$OUT/peers" "$@" 2>&1 | tee -a "$OUT/peers.log" | grep -v "^W1"
-  timeout "${FLA_BENCH_TIMEOUT:-150}" python3 -m conformance.tools.bench --branches nsa --family fla \
-    --paths triton,peer:fla --T "$T" --out "$OUT/peers" "$@" 2>&1 | tee -a "$OUT/peers.log" | grep -v "^W1"
-  timeout "${STAGES_TIMEOUT:-150}" python3 -m conformance.tools.stages --T "${STAGES_T:-8192,65536}" --profile \
-    --out "$OUT/stages" 2>&1 | tee "$OUT/stages.log" | tail -40
+  # FLA autotunes per shape (about 30 s a case): its family at FLA_T only.
+  timeout "${FLA_BENCH_TIMEOUT:-180}" python3 -m conformance.tools.bench --branches nsa --family fla \
+    --paths triton,peer:fla --T "${FLA_T:-8192,65536}" --out "$OUT/peers" "$@" 2>&1 | tee -a "$OUT/peers.log" | grep -v "^W1"
+  # The window on FA-2 against FlexAttention (issue 18: FA-2 keeps win, or why not).
+  timeout "${WIN_BENCH_TIMEOUT:-90}" python3 -m conformance.tools.bench --branches win --paths fa2:flash_attn,flex \
+    --T "${WIN_T:-65536}" --out "$OUT/win" 2>&1 | tee "$OUT/win.log" | grep -v "^W1"
+  if [ -n "${STAGES_T:-}" ]; then
+    timeout "${STAGES_TIMEOUT:-150}" python3 -m conformance.tools.stages --T "$STAGES_T" ${STAGES_PROFILE:+--profile} \
+      --out "$OUT/stages" 2>&1 | tee "$OUT/stages.log" | tail -40
+  fi
+  python3 -m conformance.tools.peer_report "$OUT/peers/bench.csv" 2>&1 | tail -45
 fi

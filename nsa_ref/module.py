@@ -169,12 +169,13 @@ def nsa_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.
     ``phi_k`` / ``phi_v`` None (cfg.compress == "mean"): ``api.nsa_attention``. Learned phis
     (``MLPCompressor``s, cfg.compress == "mlp"): compress with them, then the branch functions
     (cmp with its lse handed to the selection, sel, win) and ``combine_branches``. Shared by
-    ``NSAAttention`` and ``nsa_ref.hf_llama.NSALlamaAttention``.
+    ``NSAAttention`` and ``nsa_ref.hf_llama.NSALlamaAttention``, whose gates are sigmoid outputs:
+    their values are not read back (validate="shapes"), so a layer costs no device sync.
     """
     if (phi_k is None) != (phi_v is None):
         raise ValueError("pass both phi_k and phi_v (the 'mlp' phi) or neither (the 'mean' phi)")
     if phi_k is None:
-        return api.nsa_attention(q, k, v, gates, cfg, cu_seqlens, backend=backend)
+        return api.nsa_attention(q, k, v, gates, cfg, cu_seqlens, backend=backend, validate="shapes")
     k_cmp = phi_k(gather_cmp_blocks(k, cfg, cu_seqlens))
     v_cmp = phi_v(gather_cmp_blocks(v, cfg, cu_seqlens))
     o_cmp, lse = api.cmp_attention(q, k_cmp, v_cmp, cfg, cu_seqlens, backend=backend, return_lse=True)

@@ -311,3 +311,43 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(ImportError, match=r'pip install -e "\.\[hf\]"'):
         nsa_llama(object())
+
+
+# GPU ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_dropin_trains_on_fa2_and_triton_on_cuda():
+    """bf16 autocast on CUDA, 4096 packed tokens (the FA-2 minimum length): every branch call
+    takes FA-2 (cmp, win) or Triton (select, sel), 4 AdamW steps give finite, falling loss, and the
+    fast path's loss equals the SDPA fallback's on the same weights and batch to bf16 accuracy."""
+    if not torch.cuda.is_available():
+        pytest.skip("GPU part skipped: no CUDA device on this machine. Run `python -m pytest -m gpu` on a "
+                    "machine with an NVIDIA GPU (sm80 or newer).")
+    torch.manual_seed(0)
+    cfg = NSAConfig()  # the paper's blocks, window 512
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=8192,
+                                      attn_implementation="sdpa")
+    model = nsa_llama(config, cfg, backend="auto").cuda().train()
+    ids = torch.randint(0, VOCAB, (2, 2048), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = model(input_ids=ids, labels=ids).loss.item()
+        for layer in nsa_layers(model):
+            layer.backend = "sdpa"
+        slow = model(input_ids=ids, labels=ids).loss.item()
+        for layer in nsa_layers(model):
+            layer.backend = "auto"
+    assert abs(fast - slow) < 2e-2 * abs(slow), (fast, slow)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    telemetry.reset()
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    paths = {(b, p) for (b, p, _r) in telemetry.snapshot()["counts"]}
+    assert paths == {("cmp", "fa2"), ("win", "fa2"), ("select", "triton"), ("sel", "triton")}, paths

@@ -351,3 +351,25 @@ def test_dropin_trains_on_fa2_and_triton_on_cuda():
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
     paths = {(b, p) for (b, p, _r) in telemetry.snapshot()["counts"]}
     assert paths == {("cmp", "fa2"), ("win", "fa2"), ("select", "triton"), ("sel", "triton")}, paths
+
+
+def test_canary_leaves_finished_runs_when_cut_short(tmp_path, monkeypatch):
+    """A canary stopped after its first run (a time limit, a crash) has written that run."""
+    from conformance import canary
+
+    real = canary.run_one
+    calls = []
+
+    def one_then_stop(*args, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(canary, "run_one", one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        canary.main(["--tiny", "--device", "cpu", "--steps", "4", "--paths", "sdpa", "full", "--seeds", "0",
+                     "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "canary.json").read_text())
+    assert data["verdict"] == {"passed": None, "partial": "1 of 2 runs"}
+    assert [(r["path"], r["status"], len(r["losses"])) for r in data["runs"]] == [("sdpa", "ran", 4)]

@@ -1,5 +1,7 @@
 """Triton kernels for NSA's selection: fused block scoring + top-n, and group-centric selected
-attention (forward and backward). Imported lazily: nothing here loads Triton until used.
+attention (forward and backward); the fused gate combine (``combine``, used by
+``nsa_ref.api.combine_branches``); the decode kernels. Imported lazily: nothing here loads Triton
+until used.
 
 ``unavailable_reason(x)`` says why these kernels cannot run on tensor ``x``'s device (None when
 they can): Triton must import, and ``x`` must live on a CUDA GPU of compute capability >= 8.0, or

@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     done = set()
     if csv_path.exists():
         with csv_path.open() as fh:
-            done = {tuple(r.get(f, "paper") for f in KEY) for r in csv.DictReader(fh)}
+            # CSVs from before the family column hold paper-layout rows.
+            done = {tuple(r.get(f) or "paper" if f == "family" else r[f] for f in KEY) for r in csv.DictReader(fh)}
     cases = [(b, p, T, hd, dt, m)
              for hd in _parse_list(args.head_dims) for dt in _parse_list(args.dtypes)
              for T in _parse_list(args.T, int) for b in _parse_list(args.branches)

@@ -11,11 +11,11 @@ Nothing here touches CUDA at import.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import importlib.util
 from typing import Protocol
 
 import torch
+
+from nsa_ref import packages
 
 
 class FA2Provider(Protocol):
@@ -29,16 +29,6 @@ class FA2Provider(Protocol):
                window: tuple[int, int], scale: float): ...
 
 
-@functools.lru_cache(maxsize=None)
-def _installed_version(dist: str) -> str:
-    """A distribution's version, read once per process: the router names the provider's version in
-    every route's reason, and reading package metadata costs about 0.3 ms a time."""
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 class FlashAttnPackage:
     """The ``flash_attn`` package (imported lazily on first use)."""
 
@@ -46,10 +36,10 @@ class FlashAttnPackage:
     contract_provider = "flash_attn"
 
     def version(self) -> str:
-        return _installed_version("flash_attn")
+        return packages.version("flash_attn") or "not installed"
 
     def is_available(self) -> bool:
-        return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+        return packages.installed("flash_attn") and torch.cuda.is_available()
 
     def dense(self, q, k, v, *, causal, window, scale):
         from flash_attn import flash_attn_func

@@ -11,11 +11,12 @@ only). The backend's other facts (branches, dtypes, widest head dim) are in
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
+
+from nsa_ref import packages
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
@@ -25,7 +26,7 @@ def interpreting() -> bool:
 def unavailable_reason(x: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot run on ``x``'s device (and, under the interpreter, in its
     dtype), or None if they can."""
-    if importlib.util.find_spec("triton") is None:
+    if not packages.installed("triton"):
         return "Triton is not installed (pip install triton; it ships with CUDA builds of torch)"
     if x.device.type == "cpu":
         if interpreting():
@@ -45,16 +46,9 @@ def unavailable_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def triton_version() -> str:
-    """Installed Triton version, or "missing" (read once per process: every Triton route's reason
-    names it, and reading package metadata costs about 0.3 ms a time)."""
-    try:
-        import importlib.metadata
-
-        return importlib.metadata.version("triton")
-    except Exception:  # noqa: BLE001 - no metadata means not installed
-        return "missing"
+    """Installed Triton version, or "missing"."""
+    return packages.version("triton") or "missing"
 
 
 def select_blocks(*args, **kwargs):

@@ -305,6 +305,22 @@ def test_canary_verdict_tolerance_from_seed_gap():
     assert verdict([run("sdpa", 0, 0.0), run("sdpa", 1, 0.0)], a)["tolerance"] == a.tol_floor
 
 
+def test_canary_paired_divergence_locates_the_split():
+    """Same seed on both paths: agreement to PAIRED_EPS up to the first step that differs, the worst gap and its step."""
+    from conformance.canary import PAIRED_EPS, paired_divergence
+
+    base = [3.0, 2.0, 1.0, 0.5, 0.25]
+    fa2 = [3.0, 2.0 + PAIRED_EPS / 2, 1.3, 0.5, 0.2]  # splits at step 3 (index 2), worst there
+    got = paired_divergence([{"seed": 1, "losses": fa2}, {"seed": 7, "losses": base}], [{"seed": 1, "losses": base}])
+    assert list(got) == [1]  # seed 7 has no sdpa twin
+    assert got[1]["agree_until"] == 2 and got[1]["steps"] == 5
+    assert got[1]["max_gap"] == pytest.approx(0.3) and got[1]["max_gap_step"] == 3
+    same = paired_divergence([{"seed": 0, "losses": base}], [{"seed": 0, "losses": list(base)}])[0]
+    assert same["agree_until"] == 5 and same["max_gap"] == 0.0
+    nan = paired_divergence([{"seed": 0, "losses": [1.0, float("nan")]}], [{"seed": 0, "losses": [1.0, 1.0]}])[0]
+    assert nan["agree_until"] == 1 and nan["max_gap_step"] == 2
+
+
 def test_missing_transformers_names_the_extra(monkeypatch):
     import sys
 

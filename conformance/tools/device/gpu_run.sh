@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: set up pydantic + flash_attn wheels, record the environment, run the
 # GPU conformance suite for both providers, then the timing sweep. Everything lands in $OUT.
-#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz|decode|peers] [extra bench args...]
+#   usage: bash conformance/tools/device/gpu_run.sh [pytest|bench|all|probes|fuzz|contract_fuzz|decode|peers|canary] [extra args...]
 #   peers:  NSA prefill vs the peers (PEERS_DIR: folder holding Scalable-Flash-NSA/ and
 #           native-sparse-attention-triton/ checkouts, never committed) and full causal FA-2, paper
 #           layout (PEERS_T) then FLA's (FLA_T), the window on FA-2 vs FlexAttention (WIN_T), the
 #           per-stage breakdown if STAGES_T is set (kernel tables with STAGES_PROFILE=1), peer_report
+#   canary: the training canary (python -m conformance.canary --device cuda, extra args go to it)
+#           into $OUT/canary, log in $OUT/canary.log; about 45 s a run at its defaults with --batch 2
 #   decode: the fast decode step's GPU tests (tests/nsa_ref/test_decode_fast.py -m gpu), then
 #           conformance/tools/device/decode_bench.py (extra args go to it) into $OUT/decode_bench
 set -uo pipefail
@@ -47,6 +49,10 @@ if [ "$what" = decode ]; then
     --junitxml="$OUT/decode_gpu_junit.xml" 2>&1 | tee "$OUT/decode_gpu_pytest.log" | tail -30
   timeout "${BENCH_TIMEOUT:-300}" python3 conformance/tools/device/decode_bench.py --out "$OUT/decode_bench" --plot "$@" \
     2>&1 | tee "$OUT/decode_bench.log" | tail -25
+fi
+if [ "$what" = canary ]; then
+  timeout "${CANARY_TIMEOUT:-540}" python3 -m conformance.canary --device cuda --out "$OUT/canary" "$@" 2>&1 \
+    | tee "$OUT/canary.log" | tail -30
 fi
 if [ "$what" = peers ]; then
   PEERS_DIR=${PEERS_DIR:-../.peers}

@@ -190,6 +190,11 @@ def _evidence(folder: Path) -> tuple[list[str], bool]:
                 rows = list(csv.DictReader(fh))
             ok = sum(r.get("status") == "ok" for r in rows)
             notes.append(f"{name}: {ok} of {len(rows)} rows ok")
+    for path in (folder / "canary.json", folder / "canary" / "canary.json"):
+        if path.exists():
+            verdict = json.loads(path.read_text(encoding="utf-8")).get("verdict", {})
+            word = {True: "passed", False: "FAILED"}.get(verdict.get("passed"), f"partial ({verdict.get('partial', '?')})")
+            notes.append(f"training canary: {word}")
     return notes, passing
 
 
@@ -223,7 +228,12 @@ def known_good_block(root: Path = ROOT) -> str:
         folder = env_path.parent
         notes, passing = _evidence(folder)
         rel = folder.relative_to(root).as_posix()
-        status = "**known good** (tests passed)" if passing else "timings / smoke only"
+        if passing:
+            status = "**known good** (tests passed)"
+        elif "training canary: passed" in notes:
+            status = "training canary passed"
+        else:
+            status = "timings / smoke only"
         lines.append(
             f"| [`{rel}`](../{rel}/) | {_cell(env.get('gpu', '?'))} ({env.get('compute_capability', '?')}) | "
             f"{env.get('driver', '?')} | {env.get('cuda_runtime', '?')} | {env.get('torch', '?')} | "

@@ -118,6 +118,20 @@ def test_known_good_rows_come_from_env_json_and_the_results_next_to_it(tmp_path)
     assert "env.json only" in rows["timings"] and "known good" not in rows["timings"]
 
 
+@pytest.mark.parametrize("verdict, word", [({"passed": True}, "training canary: passed"),
+                                           ({"passed": False, "failures": ["x"]}, "training canary: FAILED"),
+                                           ({"passed": None, "partial": "1 of 6 runs"},
+                                            "training canary: partial (1 of 6 runs)")])
+def test_known_good_rows_name_the_canary_verdict(tmp_path, verdict, word):
+    folder = tmp_path / "artifacts" / "d1" / "canary_run"
+    _fake_artifact(folder, True, None)
+    (folder / "canary").mkdir()
+    (folder / "canary" / "canary.json").write_text(json.dumps({"verdict": verdict}))
+    row = next(line for line in docs.known_good_block(tmp_path).splitlines() if "canary_run" in line)
+    assert word in row and "known good" not in row, "a canary is evidence, not a test run"
+    assert row.endswith("| training canary passed |" if verdict["passed"] else "| timings / smoke only |")
+
+
 def test_known_good_table_uses_committed_artifacts_only():
     files = docs.committed_env_files(ROOT)
     assert files, "the repository has committed GPU env.json files under artifacts/"

@@ -105,18 +105,18 @@ def test_dropin_equals_explicit_reference_fp64(compress):
     torch.testing.assert_close(l32.double(), l64, rtol=0, atol=2e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "mistral"])
 def test_window_only_gates_equal_the_unmodified_model(family):
     """Gates forced to (cmp, sel, win) = (0, 0, 1) and a window covering the sequence: NSA is full
     causal attention, so the drop-in must reproduce HF's own model (its RoPE, Qwen3's q_norm /
-    k_norm, GQA, scale) to fp64 rounding."""
-    if family == "llama":
-        config = _config()
-    else:
-        config = transformers.Qwen3Config(
-            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=24, max_position_embeddings=512,
-            attn_implementation="sdpa")
+    k_norm, Qwen2's q/k/v biases, GQA, scale) to fp64 rounding."""
+    shape = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
+                 attn_implementation="sdpa")
+    config = {"llama": _config,
+              "qwen3": lambda: transformers.Qwen3Config(head_dim=24, **shape),
+              "qwen2": lambda: transformers.Qwen2Config(**shape),
+              "mistral": lambda: transformers.MistralConfig(sliding_window=None, **shape)}[family]()
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).double().eval()
     ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(8))

@@ -171,11 +171,22 @@ def _junit_counts(folder: Path) -> dict[str, int]:
     return counts
 
 
-def _evidence(folder: Path) -> tuple[list[str], bool]:
-    """(what lies next to env.json, whether it is a passing test run)."""
+def _canary_verdict(folder: Path) -> str | None:
+    """'passed' / 'FAILED' / 'partial (...)' of a training canary's canary.json in folder (or its
+    canary/ subfolder, where ``gpu_run.sh canary`` writes it); None when there is none."""
+    for path in (folder / "canary.json", folder / "canary" / "canary.json"):
+        if path.exists():
+            verdict = json.loads(path.read_text(encoding="utf-8")).get("verdict", {})
+            return {True: "passed", False: "FAILED"}.get(verdict.get("passed"),
+                                                         f"partial ({verdict.get('partial', '?')})")
+    return None
+
+
+def _evidence(folder: Path) -> tuple[list[str], str]:
+    """(what lies next to env.json, the row's status: a passing test run, a passing canary, or
+    timings / smoke only)."""
     notes: list[str] = []
     junit = _junit_counts(folder)
-    passing = junit["tests"] > 0 and junit["failed"] == 0 and junit["error"] == 0
     if junit["tests"]:
         notes.append(f"pytest: {junit['passed']} passed, {junit['failed']} failed, {junit['error']} errors, "
                      f"{junit['skipped']} skipped")
@@ -190,12 +201,16 @@ def _evidence(folder: Path) -> tuple[list[str], bool]:
                 rows = list(csv.DictReader(fh))
             ok = sum(r.get("status") == "ok" for r in rows)
             notes.append(f"{name}: {ok} of {len(rows)} rows ok")
-    for path in (folder / "canary.json", folder / "canary" / "canary.json"):
-        if path.exists():
-            verdict = json.loads(path.read_text(encoding="utf-8")).get("verdict", {})
-            word = {True: "passed", False: "FAILED"}.get(verdict.get("passed"), f"partial ({verdict.get('partial', '?')})")
-            notes.append(f"training canary: {word}")
-    return notes, passing
+    canary = _canary_verdict(folder)
+    if canary is not None:
+        notes.append(f"training canary: {canary}")
+    if junit["tests"] > 0 and junit["failed"] == 0 and junit["error"] == 0:
+        status = "**known good** (tests passed)"
+    elif canary == "passed":
+        status = "training canary passed"
+    else:
+        status = "timings / smoke only"
+    return notes, status
 
 
 def committed_env_files(root: Path = ROOT) -> list[Path]:
@@ -226,14 +241,8 @@ def known_good_block(root: Path = ROOT) -> str:
         if not env.get("cuda_available"):
             continue
         folder = env_path.parent
-        notes, passing = _evidence(folder)
+        notes, status = _evidence(folder)
         rel = folder.relative_to(root).as_posix()
-        if passing:
-            status = "**known good** (tests passed)"
-        elif "training canary: passed" in notes:
-            status = "training canary passed"
-        else:
-            status = "timings / smoke only"
         lines.append(
             f"| [`{rel}`](../{rel}/) | {_cell(env.get('gpu', '?'))} ({env.get('compute_capability', '?')}) | "
             f"{env.get('driver', '?')} | {env.get('cuda_runtime', '?')} | {env.get('torch', '?')} | "

@@ -17,8 +17,9 @@ VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 64, 4, 2, 16
 NSA_CFG = NSAConfig(block_len=16, block_stride=8, sel_block=16, n_sel=4, n_init=1, n_local=2, window=32)
 
 
-def _config(**kw):
-    return transformers.LlamaConfig(
+def _config(family: str = "Llama", **kw):
+    """The tests' small model as transformers' ``{family}Config`` (Llama, Qwen3, Qwen2, Mistral)."""
+    return getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, max_position_embeddings=512, attn_implementation="sdpa", **kw)
 
@@ -105,18 +106,13 @@ def test_dropin_equals_explicit_reference_fp64(compress):
     torch.testing.assert_close(l32.double(), l64, rtol=0, atol=2e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["Llama", "Qwen3", "Qwen2", "Mistral"])
 def test_window_only_gates_equal_the_unmodified_model(family):
     """Gates forced to (cmp, sel, win) = (0, 0, 1) and a window covering the sequence: NSA is full
     causal attention, so the drop-in must reproduce HF's own model (its RoPE, Qwen3's q_norm /
     k_norm, Qwen2's q/k/v biases, GQA, scale) to fp64 rounding."""
-    shape = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
-                 attn_implementation="sdpa")
-    config = {"llama": _config,
-              "qwen3": lambda: transformers.Qwen3Config(head_dim=24, **shape),
-              "qwen2": lambda: transformers.Qwen2Config(**shape),
-              "mistral": lambda: transformers.MistralConfig(sliding_window=None, **shape)}[family]()
+    extra = {"Qwen3": dict(head_dim=24), "Mistral": dict(sliding_window=None)}.get(family, {})
+    config = _config(family, **extra)
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).double().eval()
     ids = torch.randint(0, VOCAB, (2, 96), generator=torch.Generator().manual_seed(8))
@@ -126,7 +122,7 @@ def test_window_only_gates_equal_the_unmodified_model(family):
         for layer in nsa_layers(model):
             layer.gate_proj.weight.zero_()
             layer.gate_proj.bias.copy_(torch.tensor([-1e4, -1e4, 1e4]).repeat(layer.n_heads))
-            assert (layer.q_norm is not None) == (family == "qwen3")
+            assert (layer.q_norm is not None) == (family == "Qwen3")
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 

@@ -63,10 +63,17 @@ def task_loss(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor,
 
 # --- one run ------------------------------------------------------------------------------------
 
+def nsa_config(a: argparse.Namespace):
+    """The NSAConfig of the NSA paths (raises pydantic's ValidationError on bad block sizes)."""
+    from nsa_ref import NSAConfig
+
+    return NSAConfig(block_len=a.block_len, block_stride=a.block_stride, sel_block=a.sel_block, n_sel=a.n_sel,
+                     window=a.window)
+
+
 def build_model(path: str, a: argparse.Namespace, seed: int, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nsa_ref import NSAConfig
     from nsa_ref.hf_llama import nsa_llama
 
     config = LlamaConfig(
@@ -77,9 +84,7 @@ def build_model(path: str, a: argparse.Namespace, seed: int, device: torch.devic
     torch.manual_seed(seed)  # the same shared weights for every path of a seed
     model = LlamaForCausalLM(config)
     if path != "full":
-        nsa_cfg = NSAConfig(block_len=a.block_len, block_stride=a.block_stride, sel_block=a.sel_block,
-                            n_sel=a.n_sel, window=a.window)
-        model = nsa_llama(model, nsa_cfg, backend="auto" if path == "fa2" else "sdpa")
+        model = nsa_llama(model, nsa_config(a), backend="auto" if path == "fa2" else "sdpa")
     return model.to(device)
 
 
@@ -319,6 +324,23 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(a, key, value)
     if a.log_every is None:
         a.log_every = max(1, a.steps // 10)
+    for name in ("layers", "hidden", "heads", "kv_heads", "batch", "warmup", "log_every"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {a.warmup_steps}")
+    if a.vocab < 2:
+        p.error(f"--vocab must be >= 2 (a one-token vocabulary makes the copy task trivial), got {a.vocab}")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        p.error(f"--lr must be a finite number > 0, got {a.lr}")
+    if not 0 < a.tail <= 1:
+        p.error(f"--tail is the fraction of final steps the verdict compares: 0 < tail <= 1, got {a.tail}")
+    if not (a.tol_factor > 0 and a.tol_floor >= 0 and math.isfinite(a.tol_factor) and math.isfinite(a.tol_floor)):
+        p.error(f"--tol-factor must be > 0 and --tol-floor >= 0 (both finite), got {a.tol_factor} and {a.tol_floor}")
+    if a.min_acc is not None and not 0 <= a.min_acc <= 1:
+        p.error(f"--min-acc is an accuracy in [0, 1], got {a.min_acc}")
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds must differ (the tolerance is the gap between seeds), got {a.seeds}")
     if a.seq_len < 4 or a.seq_len % 2:
         p.error(f"--seq-len must be even and >= 4, got {a.seq_len}")
     if a.seq_len // 2 <= a.window:
@@ -328,6 +350,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be >= 2, got {a.steps}")
     if a.hidden % a.heads or a.heads % a.kv_heads:
         p.error(f"--hidden ({a.hidden}) must divide by --heads ({a.heads}), --heads by --kv-heads ({a.kv_heads})")
+    if (a.hidden // a.heads) % 2:
+        p.error(f"the head dimension --hidden/--heads = {a.hidden // a.heads} must be even (RoPE rotates pairs)")
+    from pydantic import ValidationError
+
+    try:
+        nsa_config(a)
+    except ValidationError as exc:
+        p.error("NSA block settings: " + "; ".join(e["msg"] for e in exc.errors()))
     return a
 
 

@@ -317,6 +317,29 @@ def test_canary_paired_divergence_locates_the_split():
     assert nan["agree_until"] == 1 and nan["max_gap_step"] == 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--warmup", "0"], "--warmup must be >= 1"),
+    (["--tail", "1.5"], "0 < tail <= 1, got 1.5"),
+    (["--vocab", "1"], "--vocab must be >= 2"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--tol-factor", "0"], "--tol-factor must be > 0"),
+    (["--min-acc", "2"], "--min-acc is an accuracy in [0, 1]"),
+    (["--seeds", "1", "1"], "--seeds must differ"),
+    (["--hidden", "60"], "head dimension --hidden/--heads = 15 must be even"),
+    (["--sel-block", "12"], "NSA block settings: Value error, sel_block must be a multiple of block_stride"),
+])
+def test_canary_refuses_bad_arguments_before_training(args, message, capsys):
+    """Each bad argument is refused by the parser (exit 2) with the rule and the value, not by a
+    traceback from inside training or a verdict computed from a meaningless setting."""
+    from conformance import canary
+
+    with pytest.raises(SystemExit) as exc:
+        canary.parse_args(["--tiny", "--device", "cpu", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_missing_transformers_names_the_extra(monkeypatch):
     import sys
 

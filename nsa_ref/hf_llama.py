@@ -32,6 +32,7 @@ from nsa_ref.decode import decode_step
 from nsa_ref.kv_cache import NSAKVCache
 from nsa_ref.module import nsa_prefill
 from nsa_ref.packing import Packing
+from nsa_ref.router import check_backend
 
 __all__ = ["NSALlamaAttention", "generate_greedy", "nsa_layers", "nsa_llama", "packing_from_position_ids"]
 
@@ -135,7 +136,7 @@ class NSALlamaAttention(nn.Module):
         scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         if cfg.scale is None and abs(scaling - self.head_dim ** -0.5) > 1e-12:
             cfg = cfg.model_copy(update={"scale": scaling})  # the model's own softmax scale
-        self.cfg, self.backend = cfg, backend
+        self.cfg, self.backend = cfg, check_backend(backend)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)

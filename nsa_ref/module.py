@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nsa_ref import api
+from nsa_ref.router import check_backend
 from nsa_ref.compress import MLPCompressor, gather_cmp_blocks, mean_phi
 from nsa_ref.config import NSAConfig
 from nsa_ref.decode import decode_step
@@ -38,7 +39,7 @@ class NSAAttention(nn.Module):
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
         self.head_dim = head_dim
         self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        self.cfg, self.backend = cfg, backend
+        self.cfg, self.backend = cfg, check_backend(backend)
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.v_head_dim, bias=False)

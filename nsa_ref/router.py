@@ -53,11 +53,18 @@ class Route:
         return BY_NAME[self.path].run(self, self.branch, args, cu_seqlens)
 
 
+def check_backend(backend: str) -> str:
+    """backend if it is one of ``BACKENDS``, else ValueError naming them (modules call this when
+    built, so a typo fails there rather than at the first forward)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def _check_names(branch: str, backend: str) -> None:
     if branch not in BRANCHES:
         raise ValueError(f"unknown branch {branch!r}; use one of {', '.join(BRANCHES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    check_backend(backend)
 
 
 def _reason(refusals: list[tuple[str, str]], taken_after: str | None) -> str:

@@ -340,6 +340,13 @@ def test_canary_refuses_bad_arguments_before_training(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_dropin_refuses_an_unknown_backend_before_changing_the_model():
+    model = transformers.LlamaForCausalLM(_config())
+    with pytest.raises(ValueError, match=r"unknown backend 'fa3'; use one of auto, reference, sdpa, fa2, triton"):
+        nsa_llama(model, NSA_CFG, backend="fa3")
+    assert not nsa_layers(model)
+
+
 def test_missing_transformers_names_the_extra(monkeypatch):
     import sys
 

@@ -57,3 +57,10 @@ def test_api_refuses_zero_head_dim_integer_keys_and_off_device_gates():
     gates = torch.rand(10, 4, 3, dtype=torch.float64, device="meta")
     with pytest.raises(ValueError, match="gates must be on q's device"):
         nsa_attention(q, q[:, :2], q[:, :2], gates, CFG)
+
+
+def test_nsa_attention_module_refuses_an_unknown_backend_when_built():
+    from nsa_ref import NSAAttention
+
+    with pytest.raises(ValueError, match=r"unknown backend 'fa3'; use one of auto, reference, sdpa, fa2, triton"):
+        NSAAttention(32, 4, 2, 8, cfg=CFG, backend="fa3")
